@@ -1,0 +1,61 @@
+"""The ``littlebird-ds`` console script: one subcommand per pipeline stage.
+
+Each subcommand lives in its own module (listed in ``COMMANDS``) that defines
+``add_arguments(parser)`` and ``run(args) -> int | None``; the module docstring's
+first paragraph is the subcommand's ``--help`` text. Modules are imported only
+when their subcommand runs, so ``littlebird-ds info`` never imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module path. Keep sorted by pipeline order.
+COMMANDS: dict[str, str] = {
+    "info": "littlebird_ds.commands.info",
+    "demo": "littlebird_ds.commands.demo",
+}
+
+
+def _help_of(module_path: str) -> str:
+    doc = importlib.import_module(module_path).__doc__ or ""
+    return doc.strip().split("\n\n")[0]
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="littlebird-ds", description="LittleBird long-document encoder: train, evaluate, serve."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_path in COMMANDS.items():
+        if only is not None and name != only:
+            # Listed in the top-level help without importing the module.
+            sub.add_parser(name, add_help=False)
+            continue
+        module = importlib.import_module(module_path)
+        help_text = _help_of(module_path)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only=command)
+    if command is None:
+        if argv and not argv[0].startswith("-"):
+            parser.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 1
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[command])
+    rc = module.run(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
