@@ -1,0 +1,185 @@
+"""SQuAD exact match and F1, written out so they run offline.
+
+The answerable-question rules are those of the official SQuAD v1.1 evaluation script
+(``evaluate-v1.1.py``): normalise both strings (lowercase, drop ASCII punctuation, drop the
+articles ``a``/``an``/``the``, collapse whitespace), then EM is string equality and F1 is the
+bag-of-tokens overlap F1; the score of a question is the maximum over its gold answers.
+
+Unanswerable questions (SQuAD v2: ``is_impossible`` or no gold answers) follow
+``evaluate-v2.0.py``: the gold answer is the empty string, so a prediction scores EM = F1 = 1
+exactly when it normalises to the empty string, else 0.
+
+Scores in the dicts returned here are percentages (0-100), as the official scripts print them.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+#: Upper edges (in tokens) of the default context-length buckets.
+DEFAULT_BUCKET_EDGES: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase, remove punctuation, articles and extra whitespace (official SQuAD order)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCTUATION)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0 (SQuAD v1.1)."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    """Token-overlap F1 of the normalised strings (SQuAD v1.1: 0.0 when nothing overlaps)."""
+    prediction_tokens = normalize_answer(prediction).split()
+    ground_truth_tokens = normalize_answer(ground_truth).split()
+    common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(prediction_tokens)
+    recall = num_same / len(ground_truth_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def metric_max_over_ground_truths(
+    metric_fn: Callable[[str, str], float], prediction: str, ground_truths: Iterable[str]
+) -> float:
+    """Best score of ``prediction`` against any gold answer (SQuAD v1.1)."""
+    return max(metric_fn(prediction, gt) for gt in ground_truths)
+
+
+def score_prediction(prediction: str, gold_answers: Sequence[str]) -> tuple[float, float]:
+    """(EM, F1) in [0, 1] for one question.
+
+    ``gold_answers`` empty means the question is unanswerable: the prediction must then be
+    empty after normalisation (SQuAD v2). Otherwise the SQuAD v1.1 max over gold answers.
+    """
+    if not gold_answers:
+        correct = float(normalize_answer(prediction) == "")
+        return correct, correct
+    return (
+        metric_max_over_ground_truths(exact_match_score, prediction, gold_answers),
+        metric_max_over_ground_truths(f1_score, prediction, gold_answers),
+    )
+
+
+def length_bucket(n_tokens: int, edges: Sequence[int] = DEFAULT_BUCKET_EDGES) -> str:
+    """Label of the bucket holding ``n_tokens``: ``"<=512"``, ``"513-1024"``, ..., ``">16384"``."""
+    lower = 0
+    for edge in edges:
+        if n_tokens <= edge:
+            return f"<={edge}" if lower == 0 else f"{lower + 1}-{edge}"
+        lower = edge
+    return f">{lower}"
+
+
+def _gold_answers(example: Mapping[str, Any]) -> list[str]:
+    if example.get("is_impossible"):
+        return []
+    answers = example.get("answers") or {}
+    texts = answers.get("text", []) if isinstance(answers, Mapping) else [a["text"] for a in answers]
+    return list(texts)
+
+
+def _bucket_of(example: Mapping[str, Any], edges: Sequence[int]) -> str:
+    # Examples made by ``make_qa`` carry the context length they were cut for; that label is
+    # what a length curve is plotted against. Other examples are bucketed by their token count
+    # when known, else by whitespace words (a stated, cruder proxy).
+    if example.get("target_length") is not None:
+        return str(int(example["target_length"]))
+    if example.get("context_tokens") is not None:
+        return length_bucket(int(example["context_tokens"]), edges)
+    return length_bucket(len(example["context"].split()), edges) + " words"
+
+
+def _summary(em: list[float], f1: list[float]) -> dict[str, float]:
+    n = len(em)
+    return {
+        "exact_match": 100.0 * sum(em) / n if n else 0.0,
+        "f1": 100.0 * sum(f1) / n if n else 0.0,
+        "total": n,
+    }
+
+
+def _bucket_sort_key(label: str) -> tuple[bool, int, str]:
+    # Token buckets first, then word-count buckets; each by its upper edge.
+    digits = re.findall(r"\d+", label)
+    edge = (int(digits[-1]) if digits else 0) + (1 if label.startswith(">") else 0)
+    return label.endswith("words"), edge, label
+
+
+def evaluate_predictions(
+    examples: Iterable[Mapping[str, Any]],
+    predictions: Mapping[str, str | Mapping[str, Any]],
+    *,
+    bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES,
+) -> dict[str, Any]:
+    """Score predictions against QA examples; the entry point of the ``evaluate-qa`` command.
+
+    Args:
+        examples: flat QA examples (``id``, ``context``, ``answers{text, answer_start}``,
+            optional ``is_impossible``, ``target_length``, ``context_tokens``), as returned by
+            :func:`littlebird_ds.data.qa.load_qa_examples`.
+        predictions: example id -> predicted answer text, or -> a dict with a ``"text"`` key
+            (the output of :func:`littlebird_ds.data.qa.postprocess_predictions`).
+            ``""`` predicts "no answer".
+        bucket_edges: token edges of the length buckets for examples without ``target_length``.
+
+    Returns:
+        ``{"exact_match", "f1", "total", "missing", "HasAns": {...}, "NoAns": {...},
+        "by_length": {bucket: {"exact_match", "f1", "total"}}}``; scores are percentages.
+        ``HasAns``/``NoAns`` are present only when such questions exist. A question without a
+        prediction scores 0 and is counted in ``missing`` (with one warning), as in the
+        official v1.1 script.
+    """
+    em_all: list[float] = []
+    f1_all: list[float] = []
+    groups: dict[str, tuple[list[float], list[float]]] = collections.defaultdict(lambda: ([], []))
+    buckets: dict[str, tuple[list[float], list[float]]] = collections.defaultdict(lambda: ([], []))
+    missing: list[str] = []
+    for example in examples:
+        qid = str(example["id"])
+        gold = _gold_answers(example)
+        if qid in predictions:
+            pred = predictions[qid]
+            text = pred["text"] if isinstance(pred, Mapping) else pred
+            em, f1 = score_prediction(text, gold)
+        else:
+            missing.append(qid)
+            em, f1 = 0.0, 0.0
+        em_all.append(em)
+        f1_all.append(f1)
+        group = groups["HasAns" if gold else "NoAns"]
+        group[0].append(em)
+        group[1].append(f1)
+        bucket = buckets[_bucket_of(example, bucket_edges)]
+        bucket[0].append(em)
+        bucket[1].append(f1)
+    if missing:
+        warnings.warn(
+            f"{len(missing)} question(s) have no prediction and score 0 (first: {missing[0]!r}); "
+            "pass a prediction for every example id, '' for 'no answer'.",
+            stacklevel=2,
+        )
+    result: dict[str, Any] = _summary(em_all, f1_all)
+    result["missing"] = len(missing)
+    for name in ("HasAns", "NoAns"):
+        if name in groups:
+            result[name] = _summary(*groups[name])
+    result["by_length"] = {
+        label: _summary(*buckets[label]) for label in sorted(buckets, key=_bucket_sort_key)
+    }
+    return result
