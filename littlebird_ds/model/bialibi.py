@@ -1,0 +1,102 @@
+"""BiALiBi: bidirectional ALiBi position bias (spec section 2).
+
+For query position ``i`` and key position ``j`` (absolute indices in the padded tensor)::
+
+    D[h,i,j] = 0                  if i == j
+             = alpha_h            if i == 0 or j == 0     (or alpha_h * |i - j|, "linear")
+             = beta_h  * (i - j)  if i > j
+             = gamma_h * (j - i)  if i < j
+    score    = q.k / sqrt(d_h) - D
+
+Packed keys sit at the constant distance ``Dp = (beta + gamma) / 2 * b``.
+
+The three slopes are trainable per head, kept in fp32 and parameterised through softplus so
+they never go below 0 (project decision: negative slopes made far keys win at long lengths).
+Parameters cover *all* heads of the layer and are indexed by global head id; a tensor- or
+sequence-parallel rank asks for its own slice with ``slopes(head_start, num_heads)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi slopes ``m_h`` for any head count (Press et al.; x-transformers' rule).
+
+    For a power of two ``H``: ``m_h = 2^(-8(h+1)/H)``. Otherwise the slopes of the nearest
+    lower power of two, then every other slope of the doubled sequence.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (h + 1) for h in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
+
+
+def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    # softplus(y) = x  <=>  y = log(expm1(x)); exact for the small positive slopes used here.
+    return torch.log(torch.expm1(x))
+
+
+class BiALiBi(nn.Module):
+    """Per-head non-negative slopes ``alpha, beta, gamma`` (fp32), indexed by global head id."""
+
+    def __init__(self, num_heads: int, first_token: str = "constant"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.first_token = first_token
+        self.alpha_raw = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
+        self.beta_raw = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
+        self.gamma_raw = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
+        self.reset_parameters()
+
+    def initial_raw(self) -> torch.Tensor:
+        """Raw values whose softplus is the ALiBi slope of each head (spec decision)."""
+        return _inverse_softplus(torch.tensor(alibi_slopes(self.num_heads), dtype=torch.float64)).float()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        raw = self.initial_raw()
+        for p in (self.alpha_raw, self.beta_raw, self.gamma_raw):
+            p.copy_(raw)
+
+    def slopes(self, head_start: int = 0, num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(alpha, beta, gamma)``, each ``[h]`` fp32 and >= 0, for global heads ``head_start : head_start + h``."""
+        h = self.num_heads - head_start if num_heads is None else num_heads
+        if head_start < 0 or head_start + h > self.num_heads:
+            raise ValueError(f"head slice [{head_start}, {head_start + h}) outside the layer's {self.num_heads} heads")
+        sl = slice(head_start, head_start + h)
+        return tuple(F.softplus(p[sl].float()) for p in (self.alpha_raw, self.beta_raw, self.gamma_raw))  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, first_token={self.first_token}"
+
+
+def bialibi_distance(
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    first_token: str = "constant",
+) -> torch.Tensor:
+    """``D[h, ...]`` for broadcastable integer position tensors ``qpos`` and ``kpos``.
+
+    ``alpha/beta/gamma`` are ``[h]``; the result is ``[h, *broadcast(qpos, kpos).shape]`` fp32.
+    """
+    rel = (qpos - kpos).float()  # > 0: key on the left
+    shape = (-1,) + (1,) * rel.dim()
+    a, b, g = alpha.view(shape), beta.view(shape), gamma.view(shape)
+    d = torch.where(rel > 0, b * rel, g * (-rel))
+    first = (qpos == 0) | (kpos == 0)
+    d = torch.where(first, a * rel.abs() if first_token == "linear" else a.expand_as(d), d)
+    return d.masked_fill(rel == 0, 0.0)

@@ -1,0 +1,158 @@
+"""LittleBird layers (spec section 3), single-process.
+
+Parallelism is applied from outside (``littlebird_ds.parallel``): tensor parallelism swaps
+the projections for column/row-parallel ones and sets ``head_start`` so BiALiBi slopes are
+sliced by global head id; sequence parallelism wraps ``core_attention`` and
+``pack_core_attention``. Head counts are read from tensor shapes, never from the config,
+so both work without touching this file.
+
+Shape legend: ``B`` batch, ``l`` padded length, ``s`` packed length, ``d`` hidden size,
+``H`` heads on this rank, ``dh`` head size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from ..config import LittleBirdConfig
+from .attention import get_kernel
+from .bialibi import BiALiBi
+from .layout import BlockLayout
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    B, t, _ = x.shape
+    return x.view(B, t, -1, head_dim).transpose(1, 2)  # [B, t, H*dh] -> [B, H, t, dh]
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    B, H, t, dh = x.shape
+    return x.transpose(1, 2).reshape(B, t, H * dh)  # [B, H, t, dh] -> [B, t, H*dh]
+
+
+class LittleBirdEmbeddings(nn.Module):
+    """Token + token-type embeddings, LayerNorm, dropout. No position embeddings."""
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, l, d]
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+def sdpa_pack_attention(q, k, v, key_mask, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Packed queries ``q [B, H, s, dh]`` over token keys ``k, v [B, H, l, dh]``; pad keys masked."""
+    mask = key_mask.view(key_mask.shape[0], 1, 1, -1)  # [B, 1, 1, l], True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0)
+
+
+class PackAttention(nn.Module):
+    """``Cp = PackAttn(P, X)``: ordinary multi-head attention, queries from ``P``, keys and
+    values from ``X``, pad keys masked, no position bias."""
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.head_dim = config.head_dim
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.output = nn.Linear(d, d)
+        self.core_attention = sdpa_pack_attention
+
+    def forward(self, p: torch.Tensor, x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        q = split_heads(self.query(p), self.head_dim)  # [B, H, s, dh]
+        k = split_heads(self.key(x), self.head_dim)  # [B, H, l, dh]
+        v = split_heads(self.value(x), self.head_dim)
+        c = self.core_attention(q, k, v, layout.key_mask, self.dropout_p, self.training)  # [B, H, s, dh]
+        return self.output(merge_heads(c))  # [B, s, d]
+
+
+class UnpackSlidingWindowAttention(nn.Module):
+    """``Cx = USWAttn(X, Cp)``: blocked sliding-window attention fused in one softmax with
+    unpack attention over the packed keys ``Cp Wk`` / values ``Cp Wv`` (same projections as
+    the tokens). ``Wq, Wk, Wv, Wo`` are the ones a BERT teacher's attention weights map to."""
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.head_dim = config.head_dim
+        self.kernel_name = config.attention_kernel
+        self.first_token = config.bialibi_first_token
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.output = nn.Linear(d, d)
+        self.bialibi = BiALiBi(config.num_attention_heads, config.bialibi_first_token)
+        self.head_start = 0  # global id of this rank's first head (tensor parallelism sets it)
+        self.core_attention = self._local_attention
+
+    def _local_attention(self, q, k, v, kp, vp, layout: BlockLayout, head_start: int) -> torch.Tensor:
+        training = self.training and torch.is_grad_enabled()
+        kernel = get_kernel(self.kernel_name, q.device.type, training)
+        slopes = self.bialibi.slopes(head_start, q.shape[1])
+        return kernel(q, k, v, kp, vp, slopes, layout, first_token=self.first_token,
+                      dropout_p=self.dropout_p, training=self.training)
+
+    def forward(self, x: torch.Tensor, cp: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
+        q = split_heads(self.query(x), self.head_dim)  # [B, H, l, dh]
+        k = split_heads(self.key(x), self.head_dim)
+        v = split_heads(self.value(x), self.head_dim)
+        kp = vp = None
+        if cp is not None:
+            kp = split_heads(self.key(cp), self.head_dim)  # [B, H, s, dh]
+            vp = split_heads(self.value(cp), self.head_dim)
+        out = self.core_attention(q, k, v, kp, vp, layout, self.head_start)  # [B, H, l, dh]
+        return self.output(merge_heads(out))  # [B, l, d]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__()
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.act(self.intermediate(x)))
+
+
+class LittleBirdLayer(GradientCheckpointingLayer):
+    """One layer: pack, then unpack & sliding window, then the feed-forward block (post-LN)::
+
+        Cp = PackAttn(P, X);  P' = LN_p(Cp + P)
+        Cx = USWAttn(X, Cp);  A = LN_1(Cx + X);  X' = LN_2(FFN(A) + A)
+    """
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__()
+        self.has_pack = config.pack_size > 0
+        if self.has_pack:
+            self.pack_attention = PackAttention(config)
+            self.pack_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = UnpackSlidingWindowAttention(config)
+        self.attention_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.output_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, p: torch.Tensor | None, layout: BlockLayout):
+        cp = None
+        if self.has_pack:
+            cp = self.pack_attention(p, x, layout)  # [B, s, d]
+            p = self.pack_LayerNorm(self.dropout(cp) + p)
+        a = self.attention_LayerNorm(self.dropout(self.attention(x, cp, layout)) + x)  # [B, l, d]
+        x = self.output_LayerNorm(self.dropout(self.ffn(a)) + a)
+        return x, p

@@ -1,0 +1,272 @@
+"""Hugging Face model classes: ``LittleBirdModel``, ``LittleBirdForMaskedLM``,
+``LittleBirdForQuestionAnswering``.
+
+The model owns sequence length: it validates inputs, pads them to whole blocks (at least
+four) with :func:`pad_to_blocks`, and cuts every output back to the input length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import MaskedLMOutput, QuestionAnsweringModelOutput
+from transformers.utils import ModelOutput
+
+from ..config import LittleBirdConfig
+from .bialibi import BiALiBi
+from .layers import LittleBirdEmbeddings, LittleBirdLayer
+from .layout import BlockLayout, pad_to_blocks
+
+
+@dataclass
+class LittleBirdModelOutput(ModelOutput):
+    """
+    last_hidden_state: ``[B, L, d]`` token states at the input length ``L``.
+    hidden_states: embeddings and every layer's output, each ``[B, L, d]`` (``output_hidden_states=True``).
+    packed_hidden_state: ``[B, s, d]`` the packed sequence after the last layer (None when ``pack_size == 0``).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    packed_hidden_state: torch.Tensor | None = None
+
+
+def validate_inputs(config: LittleBirdConfig, input_ids, attention_mask, token_type_ids, inputs_embeds) -> None:
+    """Raise a ``ValueError`` naming the problem and the fix, before any computation."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise ValueError(
+                f"input_ids must be an integer tensor of token ids, got dtype {input_ids.dtype}; "
+                "convert with input_ids.long() or pass embeddings through inputs_embeds"
+            )
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids.unsqueeze(0)"
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, length, {config.hidden_size}], got {tuple(inputs_embeds.shape)}"
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[1] == 0:
+        raise ValueError("empty sequence: the input has length 0; every sequence needs at least its [CLS] token")
+    if input_ids is not None and input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {config.vocab_size}); check that the tokenizer matches "
+                "the model (config.vocab_size must be >= len(tokenizer))"
+            )
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the input has shape {shape}; "
+                "pass the attention_mask returned by the tokenizer with the same input_ids"
+            )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        empty = (attention_mask == 0).all(dim=1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(
+                f"attention_mask rows {rows} are all padding; every sequence needs at least one real token "
+                "(drop empty sequences from the batch)"
+            )
+    if token_type_ids is not None:
+        if tuple(token_type_ids.shape) != shape:
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but the input has shape {shape}")
+        if token_type_ids.is_floating_point() or int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size:
+            raise ValueError(f"token_type_ids must be integers in [0, {config.type_vocab_size})")
+
+
+class LittleBirdPreTrainedModel(PreTrainedModel):
+    config_class = LittleBirdConfig
+    config: LittleBirdConfig
+    base_model_prefix = "littlebird"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LittleBirdLayer"]
+    _keep_in_fp32_modules = ["bialibi"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BiALiBi):
+            raw = module.initial_raw()
+            for p in (module.alpha_raw, module.beta_raw, module.gamma_raw):
+                init.copy_(p, raw)
+        elif isinstance(module, LittleBirdModel) and module.packed_init is not None:
+            init.normal_(module.packed_init, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, LittleBirdLMHead):
+            init.zeros_(module.bias)
+
+
+class LittleBirdModel(LittleBirdPreTrainedModel):
+    """LittleBird encoder: embeddings, the learned packed sequence ``P0 [s, d]``, layers."""
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__(config)
+        self.embeddings = LittleBirdEmbeddings(config)
+        self.packed_init = nn.Parameter(torch.empty(config.pack_size, config.hidden_size)) if config.pack_size else None
+        self.layers = nn.ModuleList(LittleBirdLayer(config) for _ in range(config.num_hidden_layers))
+        # Sequence parallelism pads to a multiple of lcm(block_size, sp_size); 1 otherwise.
+        self.pad_multiple = 1
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        cfg = self.config
+        validate_inputs(cfg, input_ids, attention_mask, token_type_ids, inputs_embeds)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, L = ref.shape[:2]
+        device = ref.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(B, L, dtype=torch.long, device=device)
+        padded, mask, L = pad_to_blocks(
+            {"input_ids": input_ids, "token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds},
+            attention_mask,
+            cfg.block_size,
+            pad_values={"input_ids": cfg.pad_token_id},
+            multiple=self.pad_multiple,
+        )
+        layout = BlockLayout.build(mask, cfg.block_size)
+        x = self.embeddings(padded["input_ids"], padded["token_type_ids"], padded["inputs_embeds"])  # [B, l, d]
+        p = None if self.packed_init is None else self.packed_init.to(x.dtype).unsqueeze(0).expand(B, -1, -1)  # [B, s, d]
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x, p = layer(x, p, layout)
+            if hidden is not None:
+                hidden.append(x)
+        out = LittleBirdModelOutput(
+            last_hidden_state=x[:, :L],
+            hidden_states=tuple(h[:, :L] for h in hidden) if hidden is not None else None,
+            packed_hidden_state=p,
+        )
+        return out if _return_dict(cfg, return_dict) else out.to_tuple()
+
+
+def _return_dict(config, return_dict: bool | None) -> bool:
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
+
+
+class LittleBirdLMHead(nn.Module):
+    """BERT masked-LM head: dense -> activation -> LayerNorm -> decoder tied to the token embeddings."""
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x)) + self.bias
+
+
+class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
+    _tied_weights_keys = {"lm_head.decoder.weight": "littlebird.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__(config)
+        self.littlebird = LittleBirdModel(config)
+        self.lm_head = LittleBirdLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        """``labels [B, L]``: token ids at masked positions, -100 elsewhere (ignored)."""
+        out = self.littlebird(input_ids, attention_mask, token_type_ids, inputs_embeds,
+                              output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.lm_head(out.last_hidden_state)  # [B, L, V]
+        loss = None
+        if labels is not None:
+            if tuple(labels.shape) != tuple(logits.shape[:2]):
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}")
+            loss = nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        res = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return res if _return_dict(self.config, return_dict) else res.to_tuple()
+
+
+class LittleBirdForQuestionAnswering(LittleBirdPreTrainedModel):
+    """Extractive QA: start/end logits over every token. Pad positions (trailing and inserted
+    by Padding Insertion) get the dtype's lowest logit, so they are never predicted."""
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__(config)
+        self.littlebird = LittleBirdModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        out = self.littlebird(input_ids, attention_mask, token_type_ids, inputs_embeds,
+                              output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.qa_outputs(out.last_hidden_state).float()  # [B, L, 2]
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(logits.dtype).min)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            L = start_logits.shape[1]
+            # Positions outside the input are ignored, as in BERT.
+            start = start_positions.view(-1).clamp(0, L)
+            end = end_positions.view(-1).clamp(0, L)
+            ce = nn.CrossEntropyLoss(ignore_index=L)
+            loss = (ce(start_logits, start) + ce(end_logits, end)) / 2
+        res = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                           hidden_states=out.hidden_states)
+        return res if _return_dict(self.config, return_dict) else res.to_tuple()
