@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "info": "littlebird_ds.commands.info",
     "demo": "littlebird_ds.commands.demo",
+    "train-tokenizer": "littlebird_ds.commands.train_tokenizer",
 }
 
 

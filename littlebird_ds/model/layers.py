@@ -136,11 +136,14 @@ class LittleBirdLayer(GradientCheckpointingLayer):
         Cx = USWAttn(X, Cp);  A = LN_1(Cx + X);  X' = LN_2(FFN(A) + A)
     """
 
-    def __init__(self, config: LittleBirdConfig):
+    def __init__(self, config: LittleBirdConfig, updates_packed: bool = True):
         super().__init__()
         self.has_pack = config.pack_size > 0
+        # The last layer's P' would feed nothing: it is not computed, so no parameter is unused.
+        self.updates_packed = self.has_pack and updates_packed
         if self.has_pack:
             self.pack_attention = PackAttention(config)
+        if self.updates_packed:
             self.pack_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = UnpackSlidingWindowAttention(config)
         self.attention_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -152,7 +155,7 @@ class LittleBirdLayer(GradientCheckpointingLayer):
         cp = None
         if self.has_pack:
             cp = self.pack_attention(p, x, layout)  # [B, s, d]
-            p = self.pack_LayerNorm(self.dropout(cp) + p)
+            p = self.pack_LayerNorm(self.dropout(cp) + p) if self.updates_packed else None
         a = self.attention_LayerNorm(self.dropout(self.attention(x, cp, layout)) + x)  # [B, l, d]
         x = self.output_LayerNorm(self.dropout(self.ffn(a)) + a)
         return x, p

@@ -28,12 +28,10 @@ class LittleBirdModelOutput(ModelOutput):
     """
     last_hidden_state: ``[B, L, d]`` token states at the input length ``L``.
     hidden_states: embeddings and every layer's output, each ``[B, L, d]`` (``output_hidden_states=True``).
-    packed_hidden_state: ``[B, s, d]`` the packed sequence after the last layer (None when ``pack_size == 0``).
     """
 
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
-    packed_hidden_state: torch.Tensor | None = None
 
 
 def validate_inputs(config: LittleBirdConfig, input_ids, attention_mask, token_type_ids, inputs_embeds) -> None:
@@ -117,7 +115,8 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
         super().__init__(config)
         self.embeddings = LittleBirdEmbeddings(config)
         self.packed_init = nn.Parameter(torch.empty(config.pack_size, config.hidden_size)) if config.pack_size else None
-        self.layers = nn.ModuleList(LittleBirdLayer(config) for _ in range(config.num_hidden_layers))
+        n = config.num_hidden_layers
+        self.layers = nn.ModuleList(LittleBirdLayer(config, updates_packed=i < n - 1) for i in range(n))
         # Sequence parallelism pads to a multiple of lcm(block_size, sp_size); 1 otherwise.
         self.pad_multiple = 1
         self.post_init()
@@ -165,7 +164,6 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
         out = LittleBirdModelOutput(
             last_hidden_state=x[:, :L],
             hidden_states=tuple(h[:, :L] for h in hidden) if hidden is not None else None,
-            packed_hidden_state=p,
         )
         return out if _return_dict(cfg, return_dict) else out.to_tuple()
 
