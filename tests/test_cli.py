@@ -1,0 +1,43 @@
+"""The console script and its lightweight subcommands."""
+
+import json
+import subprocess
+import sys
+
+from littlebird_ds.cli import COMMANDS, main
+
+
+def test_info_reports_versions_kernels_and_device(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["torch"].startswith("2.")
+    assert "eager" in info["attention_kernels"]["cpu"]["training"]["available"]
+    assert info["device"]["cpu_threads"] >= 1
+
+
+def test_demo_reads_a_long_document_and_reports_time_and_memory(capsys):
+    assert main(["demo", "--length", "2000", "--hidden-size", "32", "--layers", "1", "--heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "inference" in out and "training step" in out and "finite=True" in out and "MiB" in out
+
+
+def test_every_registered_command_has_help(capsys):
+    for name in COMMANDS:
+        try:
+            main([name, "--help"])
+        except SystemExit as e:
+            assert e.code == 0, name
+        assert f"usage: littlebird-ds {name}" in capsys.readouterr().out
+
+
+def test_console_script_entry_point_runs():
+    res = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", "info"], capture_output=True, text=True)
+    assert res.returncode == 0 and "attention kernels" in res.stdout, res.stderr[-1000:]
+
+
+def test_unknown_command_is_a_clear_error(capsys):
+    try:
+        main(["frobnicate"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
