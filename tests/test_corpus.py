@@ -31,6 +31,7 @@ def test_txt_directory_one_document_per_file(tmp_path):
     assert [d.id for d in docs] == ["a.txt", "sub/b.txt"]
     assert docs[0].text == "first line\nsecond line\n"  # boundaries and newlines kept
     assert docs[1].text == "another document"  # BOM dropped
+    assert [d.id for d in load_corpus(tmp_path / "a.txt")] == ["a.txt"]
 
 
 def test_jsonl_file_and_directory(tmp_path):

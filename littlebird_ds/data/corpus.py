@@ -5,7 +5,7 @@ unit here: it is never cut into sentences or lines by this module. Sources
 (``load_corpus`` / ``iter_corpus``):
 
 * a directory of ``.txt`` files (searched recursively): one file is one document, its id
-  the path relative to the directory;
+  the path relative to the directory (a single ``.txt`` file is a one-document corpus);
 * a ``.jsonl`` file, or a directory of them: one record is one document, its text in
   ``text_field`` (default ``"text"``), its id in ``id_field`` when given, else
   ``"<relative path>#<record index>"``; read with ``datasets``' streaming JSON loader, so
@@ -98,17 +98,23 @@ def _missing_field_error(source: str, name: str, fields: Iterable[str], kind: st
 # ----------------------------------------------------------------------------- sources
 
 
+def _read_txt(path: Path, doc_id: str) -> Document:
+    data = path.read_bytes()
+    error = _utf8_error(path, data)
+    if error is not None:
+        raise error
+    return Document(id=doc_id, text=data.decode("utf-8").removeprefix("\ufeff"), meta={"path": str(path)})
+
+
+def _iter_txt_file(path: Path) -> Iterator[Document]:
+    yield _read_txt(path, path.name)
+
+
 def _iter_txt_dir(root: Path) -> Iterator[Document]:
     # Read by hand rather than with datasets' "text" loader: a file is one document and its
     # path is its id, which that loader does not report.
-    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
-    for path in files:
-        data = path.read_bytes()
-        error = _utf8_error(path, data)
-        if error is not None:
-            raise error
-        text = data.decode("utf-8").removeprefix("\ufeff")
-        yield Document(id=path.relative_to(root).as_posix(), text=text, meta={"path": str(path)})
+    for path in sorted(p for p in root.rglob("*.txt") if p.is_file()):
+        yield _read_txt(path, path.relative_to(root).as_posix())
 
 
 def _iter_jsonl_file(path: Path, rel: str, text_field: str, id_field: str | None) -> Iterator[Document]:
@@ -246,9 +252,9 @@ def iter_corpus(
     """Yield the non-empty documents of ``source`` lazily, in a deterministic order.
 
     Args:
-        source: a directory of ``.txt`` files, a ``.jsonl`` file or a directory of them, a
-            directory saved by ``datasets`` ``save_to_disk``, or a built-in name (see
-            ``BUILTIN_CORPORA``). The kind of a directory is decided by its content:
+        source: a ``.txt`` file or a directory of them, a ``.jsonl`` file or a directory
+            of them, a directory saved by ``datasets`` ``save_to_disk``, or a built-in name
+            (see ``BUILTIN_CORPORA``). The kind of a directory is decided by its content:
             ``dataset_info.json``/``dataset_dict.json`` means a saved dataset, else
             ``.jsonl`` files, else ``.txt`` files.
         text_field: JSON/dataset field holding the text.
@@ -273,12 +279,15 @@ def iter_corpus(
                 "files, a .jsonl file or directory, or a dataset directory saved with save_to_disk."
             )
     elif path.is_file():
-        if path.suffix not in (".jsonl", ".json"):
+        if path.suffix == ".txt":
+            docs = _iter_txt_file(path)
+        elif path.suffix in (".jsonl", ".json"):
+            docs = _iter_jsonl(path, text_field, id_field)
+        else:
             raise ValueError(
-                f"corpus file {name!r} is not a .jsonl file. Pass a .jsonl file (one JSON object "
-                "per line), or put .txt documents in a directory and pass the directory."
+                f"corpus file {name!r} is neither .jsonl nor .txt. Pass a .jsonl file (one JSON object "
+                "per line), a .txt file (one document), or a directory of them."
             )
-        docs = _iter_jsonl(path, text_field, id_field)
     elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         docs = _iter_saved_dataset(path, text_field, id_field, split)
     elif any(path.rglob("*.jsonl")):

@@ -21,7 +21,8 @@ Span masking (Joshi et al. 2020, as in spec section 5), per example:
 For the optional span boundary objective the collator also returns, per token, the position
 of the token just left and just right of its span (``span_left``, ``span_right``; clamped
 to the sequence) and its offset inside the span (``span_offset``, 0-based), all -1 on
-tokens that are not masked. Spans never touch, so boundary tokens are never masked.
+tokens that are not masked. Placed spans never touch, so boundary tokens are unmasked
+(only a rare fallback one-word span may touch another).
 
 Randomness comes only from the ``generator`` passed in (``numpy.random.Generator``, a
 ``torch.Generator`` or an int seed), so results are reproducible. With ``generator=None``
