@@ -217,3 +217,40 @@ def test_write_and_cli(books, tokenizer, tmp_path, monkeypatch) -> None:
     cli_files = json.loads((cli_out / "manifest.json").read_text())["files"]
     assert cli_files == manifest["files"]
     assert (cli_out / "test-512.json").read_text() == (out / "test-512.json").read_text()
+
+
+def test_sentencepiece_style_tokenizer_counts_and_offsets(books) -> None:
+    """Metaspace (SentencePiece-style) pieces carry the space before a word in their offsets;
+    token counts must still be exact and decoded answers must start at the word."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from littlebird_ds.data.qa import postprocess_predictions, prepare_features
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([d["text"] for d in books[:4]],
+                            trainers.UnigramTrainer(vocab_size=800, special_tokens=special,
+                                                    unk_token="[UNK]"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    spm = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    sets = make_cloze_qa(books, spm, _config(lengths=(256, 512), questions_per_document=(2, 6, 6)))
+    examples = load_qa_examples(to_squad(sets.examples["test"][256] + sets.examples["validation"][512]))
+    assert examples
+    for ex in examples:
+        assert _ntok(spm, ex["context"]) == ex["context_tokens"]
+        assert ex["context_tokens"] + ex["question_tokens"] + 3 <= ex["target_length"]
+    feats = prepare_features(examples, spm, max_length=256, stride=64, block_size=BLOCK)
+    starts = [np.eye(len(ids))[s] for ids, s in zip(feats["input_ids"], feats["start_positions"])]
+    ends = [np.eye(len(ids))[e] for ids, e in zip(feats["input_ids"], feats["end_positions"])]
+    preds = postprocess_predictions(examples, feats, starts, ends)
+    for ex in examples:
+        assert preds[ex["id"]]["text"] == ex["answers"]["text"][0]
+        assert preds[ex["id"]]["start"] == ex["answers"]["answer_start"][0]

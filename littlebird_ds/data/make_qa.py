@@ -217,10 +217,6 @@ class _Document:
     def n_tokens(self) -> int:
         return len(self.tok_starts)
 
-    def tokens_in(self, a: int, b: int) -> int:
-        """Number of tokens lying inside characters ``[a, b)``."""
-        return bisect.bisect_right(self.tok_ends, b) - bisect.bisect_left(self.tok_starts, a)
-
     def token_span(self, a: int, b: int) -> tuple[int, int]:
         """First and last token overlapping characters ``[a, b)``."""
         return bisect.bisect_right(self.tok_ends, a), bisect.bisect_left(self.tok_starts, b) - 1
@@ -317,8 +313,24 @@ def _make_candidate(
     )
 
 
+def _snap(text: str, c0: int, c1: int, s0: int, s1: int) -> tuple[int, int]:
+    """Move ``[c0, c1)`` inward to whitespace so no word is cut, never into ``[s0, s1)``,
+    then drop surrounding whitespace."""
+    if c0 > 0 and not text[c0 - 1].isspace():
+        nxt = re.search(r"\s", text[c0:s0])
+        c0 = c0 + nxt.end() if nxt else s0
+    if c1 < len(text) and not text[c1].isspace():
+        spaces = [m.start() for m in re.finditer(r"\s", text[s1:c1])]
+        c1 = s1 + spaces[-1] if spaces else s1
+    while c0 < c1 and text[c0].isspace():
+        c0 += 1
+    while c1 > c0 and text[c1 - 1].isspace():
+        c1 -= 1
+    return c0, c1
+
+
 def _cut_context(
-    doc: _Document, cand: _Candidate, length: int, config: ClozeQAConfig
+    doc: _Document, cand: _Candidate, length: int, config: ClozeQAConfig, tokenizer: Any
 ) -> dict[str, Any] | None:
     """The QA record of ``cand`` with a context of about ``length`` input tokens, or None."""
     budget = length - cand.question_tokens - 3
@@ -327,27 +339,35 @@ def _cut_context(
     t0, t1 = cand.span_tok
     if t1 - t0 + 1 > budget:
         return None
+    s0, s1 = cand.span_char
     if doc.n_tokens <= budget:
         if not config.allow_short and doc.n_tokens < budget:
             return None
-        c0, c1 = 0, len(doc.text)
+        ws, we = 0, doc.n_tokens - 1
     else:
         lo, hi = max(0, t1 + 1 - budget), min(t0, doc.n_tokens - budget)
         ws = lo + round(cand.position * (hi - lo))
-        c0, c1 = doc.tok_starts[ws], doc.tok_ends[ws + budget - 1]
-        # Snap inward to whitespace so no word is cut (never into the question's sentence).
-        text = doc.text
-        s0, s1 = cand.span_char
-        if c0 > 0 and not text[c0 - 1].isspace():
-            nxt = re.search(r"\s", text[c0:s0])
-            c0 = c0 + nxt.end() if nxt else s0
-        if c1 < len(text) and not text[c1].isspace():
-            spaces = [m.start() for m in re.finditer(r"\s", text[s1:c1])]
-            c1 = s1 + spaces[-1] if spaces else s1
-    context = doc.text[c0:c1]
-    lead = len(context) - len(context.lstrip())
-    context = context.strip()
-    c0 += lead
+        we = ws + budget - 1
+    c0, c1 = _snap(doc.text, doc.tok_starts[ws], doc.tok_ends[we], s0, s1)
+    if doc.text.count(cand.answer, c0, c1) != 1:
+        return None  # the answer text occurs again: ambiguous gold span (checked before the
+        # costlier token count; the final window is this one or a little smaller)
+    # The tokens of a cut-out context can differ from the document's at its edges (e.g. a
+    # SentencePiece word-start piece), so count the context itself and shrink until it fits.
+    for _ in range(8):
+        c0, c1 = _snap(doc.text, doc.tok_starts[ws], doc.tok_ends[we], s0, s1)
+        context = doc.text[c0:c1]
+        n_tokens = _count_tokens(tokenizer, context)
+        excess = n_tokens - budget
+        if excess <= 0:
+            break
+        # Trim the side with more room outside the question's sentence.
+        if t0 - ws >= we - t1:
+            ws = min(t0, ws + excess)
+        else:
+            we = max(t1, we - excess)
+    else:
+        return None
     start = cand.answer_char - c0
     if context.find(cand.answer) != start or context.find(cand.answer, start + 1) != -1:
         return None  # the answer text occurs again: ambiguous gold span
@@ -359,7 +379,7 @@ def _cut_context(
         "doc_id": doc.id,
         "sentence_index": cand.sentence_index,
         "target_length": length,
-        "context_tokens": doc.tokens_in(c0, c0 + len(context)),
+        "context_tokens": n_tokens,
         "question_tokens": cand.question_tokens,
         "context": context,
     }
@@ -389,8 +409,12 @@ def _questions_for_split(
             cand = _make_candidate(doc, index, sentences[index], rng, tokenizer, config, blank, stop)
             if cand is None:
                 continue
-            records = {length: _cut_context(doc, cand, length, config) for length in lengths}
-            if same_questions and any(r is None for r in records.values()):
+            records: dict[int, dict[str, Any] | None] = {}
+            for length in lengths:
+                records[length] = _cut_context(doc, cand, length, config, tokenizer)
+                if same_questions and records[length] is None:
+                    break
+            if same_questions and (len(records) < len(lengths) or None in records.values()):
                 continue
             for length, record in records.items():
                 if record is not None and made[length] < per_document:

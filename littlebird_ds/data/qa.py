@@ -18,7 +18,6 @@ long-document accuracy; so it is an error by default, or truncated with a warnin
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
 
 Example = dict[str, Any]
 
@@ -455,6 +453,12 @@ def postprocess_predictions(
                 s_log, e_log, mask, n_best=n_best, max_answer_tokens=max_answer_tokens
             ):
                 c0, c1 = offsets[start][0], offsets[end][1]
+                # SentencePiece word-start pieces map to the space before the word: trim it so
+                # ``start`` points at the answer's first character.
+                while c0 < c1 and context[c0].isspace():
+                    c0 += 1
+                while c1 > c0 and context[c1 - 1].isspace():
+                    c1 -= 1
                 candidates.append({"text": context[c0:c1], "score": score, "start": c0, "end": c1})
         # Overlapping windows propose the same character span twice: keep its best score.
         unique: dict[tuple[int, int], dict[str, Any]] = {}
