@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "demo": "littlebird_ds.commands.demo",
     "train-tokenizer": "littlebird_ds.commands.train_tokenizer",
     "make-qa": "littlebird_ds.commands.make_qa",
+    "export": "littlebird_ds.commands.export",
 }
 
 

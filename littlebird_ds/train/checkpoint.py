@@ -1,0 +1,211 @@
+"""Atomic DeepSpeed checkpoints with the state needed to resume a run exactly.
+
+Layout under a checkpoint root (``OUT/checkpoints``)::
+
+    latest                    # text file: the tag of the last complete checkpoint
+    step_00000010/            # one complete checkpoint (a DeepSpeed tag directory)
+        mp_rank_00_model_states.pt, *_optim_states.pt   # written by DeepSpeed
+        rng_rank_00000.pt     # python/numpy/torch RNG of each global rank
+        littlebird_checkpoint.json   # step, TP/SP sizes, ZeRO stage, model class
+        config.json           # the model's LittleBirdConfig
+        tokenizer/            # the tokenizer, when the run has one
+    .tmp-step_00000012/       # a save in progress (or one a crash interrupted)
+
+A save writes everything into ``.tmp-<tag>``, then rank 0 renames it to ``<tag>`` and
+replaces ``latest`` with ``os.replace`` (atomic on POSIX). A crash at any point leaves
+``latest`` naming the previous complete checkpoint; stale ``.tmp-*`` directories are removed
+by the next run. The root must be on a filesystem all ranks share (the usual multi-node
+setup); rank 0 does the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+META = "littlebird_checkpoint.json"
+TMP_PREFIX = ".tmp-"
+_TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy and torch (CPU and, if present, CUDA) RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_latest(root: str | os.PathLike) -> str | None:
+    """The tag ``latest`` names, or ``None`` when the root holds no complete checkpoint."""
+    p = Path(root) / LATEST
+    if not p.is_file():
+        return None
+    tag = p.read_text().strip()
+    if not tag or not (Path(root) / tag).is_dir():
+        raise FileNotFoundError(
+            f"{p} names checkpoint {tag!r}, which does not exist under {root}; "
+            "point it at an existing step_* directory or start without --resume"
+        )
+    return tag
+
+
+def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
+    p = Path(tag_dir) / META
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{tag_dir} is not a littlebird-ds checkpoint (no {META}); "
+            "pass a directory written by the training engine (OUT/checkpoints or OUT/checkpoints/step_*)"
+        )
+    return json.loads(p.read_text())
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
+    """``(root, tag)`` of a checkpoint given as its root (uses ``latest``) or as a tag directory."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path.parent, path.name
+    if path.is_dir():
+        tag = read_latest(path)
+        if tag is not None:
+            return path, tag
+        if (path / "checkpoints").is_dir():  # an engine OUT directory
+            return resolve_checkpoint(path / "checkpoints")
+    raise FileNotFoundError(
+        f"no checkpoint at {path}: expected a checkpoint root with a 'latest' file, a step_* "
+        "directory inside it, or a training OUT directory with checkpoints/"
+    )
+
+
+class CheckpointManager:
+    """Saves and loads DeepSpeed checkpoints atomically under ``root``, keeping the last ``keep``.
+
+    Every rank calls :meth:`save` and :meth:`load` (DeepSpeed's save and load are collective).
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int = 3, *, rank: int = 0, barrier=None):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (checkpoints to keep), got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+        self._barrier = barrier or (lambda: None)
+
+    # -- saving -----------------------------------------------------------------------------
+    def clean_stale(self) -> None:
+        """Remove ``.tmp-*`` directories left by interrupted saves (rank 0, before training)."""
+        if self.rank == 0 and self.root.is_dir():
+            for p in self.root.glob(f"{TMP_PREFIX}*"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        self._barrier()
+
+    def save(self, engine, step: int, client_state: dict, meta: dict, write_extra=None) -> Path:
+        """Save ``engine`` at ``step``; return the final tag directory.
+
+        ``client_state`` goes into DeepSpeed's checkpoint; ``meta`` (JSON-serialisable) into
+        ``littlebird_checkpoint.json``; ``write_extra(tmp_dir)`` runs on rank 0 to add files
+        (config, tokenizer) before the commit.
+        """
+        tag = tag_for_step(step)
+        tmp_tag = TMP_PREFIX + tag
+        self.root.mkdir(parents=True, exist_ok=True)
+        # save_latest=False: ``latest`` is ours to write, after the rename.
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        tmp = self.root / tmp_tag
+        torch.save(rng_state(), tmp / f"rng_rank_{self.rank:05d}.pt")
+        self._barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            if write_extra is not None:
+                write_extra(tmp)
+            (tmp / META).write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=2, sort_keys=True))
+            self._before_commit(tmp)
+            final = self.root / tag
+            if final.exists():  # left by an earlier run that got further; this one supersedes it
+                old = self.root / f"{TMP_PREFIX}old-{tag}"
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            write_text_atomic(self.root / LATEST, tag)
+            self._prune(keep_tag=tag)
+        self._barrier()
+        return self.root / tag
+
+    def _before_commit(self, tmp_dir: Path) -> None:
+        """Called on rank 0 after every file is written and before the rename (a test seam)."""
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = sorted((p for p in self.root.iterdir() if p.is_dir() and _TAG_RE.match(p.name)),
+                      key=lambda p: int(_TAG_RE.match(p.name).group(1)))
+        for p in tags[: max(0, len(tags) - self.keep)]:
+            if p.name != keep_tag:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- loading ----------------------------------------------------------------------------
+    def latest(self) -> str | None:
+        return read_latest(self.root) if self.root.is_dir() else None
+
+    def load(self, engine, tag: str) -> dict:
+        """Load ``tag`` into ``engine`` (model, optimizer, scheduler) and restore this rank's RNG.
+
+        Returns DeepSpeed's client state.
+        """
+        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}; see the messages above")
+        rng_file = self.root / tag / f"rng_rank_{self.rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            # A different world size: no saved stream for this rank. Reseed deterministically.
+            seed = int(client_state.get("seed", 0)) + 1000003 * int(client_state.get("step", 0)) + self.rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        return client_state or {}

@@ -1,0 +1,789 @@
+"""The training engine every training command (pretrain, distill, finetune-qa) is built on.
+
+A command supplies four things and the engine does the rest::
+
+    from littlebird_ds.train.engine import Trainer, add_training_arguments, finish_worker
+
+    def add_arguments(parser):
+        add_training_arguments(parser)           # --deepspeed, --tensor-parallel, --max-steps, ...
+        parser.add_argument("--data", required=True)
+
+    def run(args):
+        def loss_fn(model, batch):                # model: the DeepSpeed engine (call it like the module)
+            out = model(**batch)
+            return out.loss, {"masked_tokens": int((batch["labels"] != -100).sum())}
+        trainer = Trainer(args,
+                          model_factory=lambda: LittleBirdForMaskedLM(config),
+                          loss_fn=loss_fn,
+                          train_dataset=dataset, collate_fn=collate,   # or batches=factory
+                          eval_fn=None, tokenizer=tokenizer)
+        result = trainer.fit()                    # OUT/final holds the HF model + tokenizer
+        finish_worker()                           # barrier + os._exit(0): see its docstring
+
+What the engine does, in order:
+
+1. Process group: joins the one a launcher describes (``torchrun``, ``deepspeed`` with
+   ``--local_rank``, ``accelerate launch``) or, with no launcher, starts a 1-process gloo
+   group on 127.0.0.1. On CPU it sets ``DS_ACCELERATOR=cpu``, uses gloo and skips the
+   JIT build of DeepSpeed's shared-memory allreduce (a C++ op that only the ccl backend
+   uses, and that takes about a minute to compile).
+2. Model parallel groups (``littlebird_ds.parallel``, imported only when tp*sp > 1).
+3. The model: ``model_factory()`` after seeding, then (one documented order) tensor /
+   sequence parallelism, activation checkpointing, then DeepSpeed/ZeRO.
+4. ``deepspeed.initialize`` with the ds_config (``--deepspeed`` or the built-in ZeRO-0 fp32
+   default; ``"auto"`` batch fields filled from ``--batch-size``/``--grad-accum``), a client
+   ``torch.optim.AdamW`` (weight decay off for biases, LayerNorms, BiALiBi scalars and the
+   packed sequence), unless the config offloads the optimizer: then DeepSpeed builds its
+   own CPU optimizer from the config, which is what offload requires.
+5. Linear warmup, then linear or cosine decay to ``--min-lr-ratio * --lr`` at
+   ``--max-steps``.
+6. The loop: one optimizer step = ``--grad-accum`` micro-batches per data-parallel rank.
+   Logs ``OUT/metrics.jsonl`` and ``OUT/tb/`` (rank 0), a tqdm bar on rank 0.
+7. Checkpoints every ``--save-every`` steps (atomic, see :mod:`littlebird_ds.train.checkpoint`)
+   with the data position and every rank's RNG states, so ``--resume`` after a SIGKILL
+   reproduces the uninterrupted fp32 losses exactly.
+8. At the end: a final checkpoint, exported (ZeRO gather, TP merge) to ``OUT/final`` with
+   ``save_pretrained`` plus the tokenizer.
+
+Data order: global micro-step ``m`` (counting from 0 over the whole run) consists of
+``dp_size`` consecutive micro-batches; data-parallel rank ``r`` takes the ``r``-th. So a run on
+``dp`` ranks with ``--grad-accum g`` sees, step by step, the same samples as a 1-process run
+with ``--grad-accum g*dp``, and (for per-sample-mean losses over equal-size micro-batches)
+the same losses: the engine's parity tests rely on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointManager, read_meta
+
+#: The built-in config when ``--deepspeed`` is not given: plain data parallel, fp32.
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 0},
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": False},
+    "steps_per_print": 1_000_000_000,
+    "wall_clock_breakdown": False,
+}
+
+#: Parameters whose name contains one of these get no weight decay.
+NO_DECAY_MARKERS = ("bias", "layernorm", "layer_norm", "bialibi", "packed_init")
+
+AC_POLICIES = ("none", "full", "every_k")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags every training command shares; returns ``parser``."""
+    g = parser.add_argument_group("training engine")
+    g.add_argument("--deepspeed", metavar="PATH", default=None,
+                   help="DeepSpeed JSON config (see ds_configs/); default: built-in ZeRO-0 fp32")
+    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="tensor-parallel size")
+    g.add_argument("--sequence-parallel", type=int, default=1, metavar="N", help="sequence-parallel size")
+    g.add_argument("--activation-checkpointing", choices=AC_POLICIES, default="none",
+                   help="recompute layer activations in backward: none, full (every layer), every_k")
+    g.add_argument("--activation-checkpointing-k", type=int, default=2, metavar="K",
+                   help="with every_k: checkpoint every K-th layer")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps to train")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--out", default="runs/train", metavar="DIR", help="output directory")
+    g.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints/latest")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")
+    g.add_argument("--lr-decay", choices=("linear", "cosine"), default="linear")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="micro-batch size per data-parallel rank (fills 'auto' in the ds_config; default 8)")
+    g.add_argument("--grad-accum", type=int, default=None,
+                   help="gradient accumulation steps (fills 'auto' in the ds_config; default 1)")
+    g.add_argument("--log-every", type=int, default=10, help="log every N steps")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the last K checkpoints")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (overrides the ds_config)")
+    # The deepspeed launcher passes --local_rank=N; torchrun and accelerate use LOCAL_RANK.
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _args_value(args, name: str, default=None):
+    return getattr(args, name, default) if getattr(args, name, None) is not None else default
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and process group
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_cpu() -> bool:
+    """True when training runs on CPU (no CUDA device, or ``DS_ACCELERATOR=cpu``)."""
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+def prepare_environment(local_rank: int | None = None) -> None:
+    """Make the process group environment complete and DeepSpeed usable on this machine.
+
+    Call before importing deepspeed (the engine does). Without a launcher it describes a
+    1-process group on 127.0.0.1; with the ``deepspeed`` launcher's ``--local_rank`` it sets
+    ``LOCAL_RANK``. On CPU it selects DeepSpeed's CPU accelerator.
+    """
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if on_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_process_group() -> None:
+    """Initialise torch.distributed and DeepSpeed's comm layer (gloo on CPU, nccl on GPU)."""
+    import torch.distributed as dist
+
+    backend = "gloo" if on_cpu() else "nccl"
+    if on_cpu():
+        # DeepSpeed JIT-compiles a shared-memory allreduce op on CPU init (about a minute);
+        # only the ccl backend uses it, so with gloo skip the build. import_module, because
+        # ``import deepspeed.comm.torch as m`` binds the real ``torch`` package.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not dist.is_initialized():
+        if not on_cpu():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def finish_worker(exit_code: int = 0) -> None:
+    """End a distributed worker: flush, barrier, then ``os._exit``.
+
+    ZeRO-3 workers can abort at interpreter exit ("terminate called without an active
+    exception") while DeepSpeed's hooks are torn down; exiting without teardown after a
+    final barrier avoids it. Call as the last statement of a training script.
+    """
+    import torch.distributed as dist
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - exiting anyway; a peer already failed
+            exit_code = exit_code or 1
+    os._exit(exit_code)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed config
+# ---------------------------------------------------------------------------------------------
+def load_ds_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config; ``None`` gives a copy of :data:`DEFAULT_DS_CONFIG`.
+
+    Raises ``FileNotFoundError``/``ValueError`` naming the file and the problem.
+    """
+    if path is None:
+        return json.loads(json.dumps(DEFAULT_DS_CONFIG))
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"DeepSpeed config {p} does not exist; pass one of ds_configs/*.json "
+            "(e.g. --deepspeed ds_configs/zero2_fp32.json) or omit --deepspeed for plain data parallel"
+        )
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"DeepSpeed config {p} must be a JSON object, got {type(cfg).__name__}")
+    if "zero_optimization" not in cfg:
+        raise ValueError(
+            f"DeepSpeed config {p} has no 'zero_optimization' key; add e.g. "
+            '"zero_optimization": {"stage": 0} (see ds_configs/README.md)'
+        )
+    zo = cfg["zero_optimization"]
+    if not isinstance(zo, dict) or zo.get("stage") not in (0, 1, 2, 3):
+        raise ValueError(
+            f"DeepSpeed config {p}: 'zero_optimization' must be an object with 'stage' 0, 1, 2 or 3, got {zo!r}"
+        )
+    return cfg
+
+
+def _fill(cfg: dict, key: str, cli_value: int | None, default: int, flag: str, source: str) -> int:
+    value = cfg.get(key, "auto")
+    if value == "auto":
+        value = cli_value if cli_value is not None else default
+    elif cli_value is not None and int(value) != cli_value:
+        raise ValueError(
+            f"{flag} {cli_value} contradicts {key}={value} in {source}; set {key} to \"auto\" in the config "
+            f"or drop {flag}"
+        )
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r} (from {source} or {flag})")
+    cfg[key] = value
+    return value
+
+
+def offloads_optimizer(cfg: Mapping) -> bool:
+    dev = (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return dev not in (None, "none")
+
+
+def resolve_ds_config(args, dp_size: int, source: str = "built-in default") -> dict[str, Any]:
+    """The final DeepSpeed config: file (or default) with the batch fields and precision filled.
+
+    Under ``accelerate launch`` with a DeepSpeed plugin and no ``--deepspeed``, the plugin's
+    settings (ZeRO stage, offload, clipping) come from accelerate's environment.
+    """
+    path = getattr(args, "deepspeed", None)
+    cfg = load_ds_config(path)
+    if path is not None:
+        source = str(path)
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        cfg = _config_from_accelerate_env(cfg)
+        source = "accelerate's DeepSpeed plugin"
+    micro = _fill(cfg, "train_micro_batch_size_per_gpu", getattr(args, "batch_size", None), 8, "--batch-size", source)
+    accum = _fill(cfg, "gradient_accumulation_steps", getattr(args, "grad_accum", None), 1, "--grad-accum", source)
+    total = micro * accum * dp_size
+    if cfg.get("train_batch_size", "auto") not in ("auto", total):
+        raise ValueError(
+            f"train_batch_size={cfg['train_batch_size']} in {source} is not micro-batch {micro} x grad-accum "
+            f"{accum} x data-parallel {dp_size} = {total}; set it to \"auto\""
+        )
+    cfg["train_batch_size"] = total
+    if getattr(args, "bf16", False) or os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16":
+        cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": True}
+        cfg["fp16"] = {"enabled": False}
+    if (cfg.get("fp16") or {}).get("enabled"):
+        raise ValueError(f"{source} enables fp16; LittleBird trains in fp32 or bf16: use a *_bf16.json config")
+    cfg.setdefault("steps_per_print", 1_000_000_000)
+    return cfg
+
+
+def _config_from_accelerate_env(base: dict) -> dict:
+    from accelerate.utils import DeepSpeedPlugin
+
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and config_file.lower() != "none":
+        return load_ds_config(config_file)
+    plugin = DeepSpeedPlugin()  # reads ACCELERATE_DEEPSPEED_* from the launcher's environment
+    cfg = json.loads(json.dumps(plugin.deepspeed_config, default=str))
+    zo = cfg.setdefault("zero_optimization", {"stage": 0})
+    for key in ("offload_optimizer", "offload_param"):
+        if isinstance(zo.get(key), dict) and zo[key].get("device") in (None, "none"):
+            zo.pop(key)
+    if cfg.get("gradient_clipping") in (None, "auto"):
+        cfg["gradient_clipping"] = base["gradient_clipping"]
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        cfg[key] = "auto"
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    cfg.setdefault("bf16", {"enabled": False})
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights, and biases/LayerNorms/BiALiBi/packed sequence at 0."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lname = name.lower()
+        (no_decay if p.ndim < 2 or any(m in lname for m in NO_DECAY_MARKERS) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, decay: str = "linear", min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Multiplier of the peak lr after ``step`` scheduler steps: linear warmup from 0 over
+    ``warmup_steps``, then linear or cosine decay to ``min_ratio`` at ``max_steps``."""
+    if decay not in ("linear", "cosine"):
+        raise ValueError(f"lr decay must be 'linear' or 'cosine', got {decay!r}")
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, max_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        shape = 1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+        return min_ratio + (1.0 - min_ratio) * shape
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+#: ``batches(start_micro_step, dp_rank, dp_size) -> iterator`` of this rank's micro-batches,
+#: starting at global micro-step ``start_micro_step`` (see the module docstring for the order).
+BatchIteratorFactory = Callable[[int, int, int], Iterator[Any]]
+
+
+def dataset_batches(dataset, collate_fn: Callable | None, batch_size: int, seed: int,
+                    shuffle: bool = True) -> BatchIteratorFactory:
+    """A :data:`BatchIteratorFactory` over a map-style dataset (len + getitem) or an iterable.
+
+    Map-style: epoch ``e`` is a permutation drawn from ``torch.Generator`` seeded ``seed + e``
+    (or the identity with ``shuffle=False``); the last incomplete global batch of an epoch is
+    dropped, so every rank gets equal-size micro-batches. Positioning is O(1). Iterables
+    are read in order and positioned by skipping, which costs a pass over the skipped part.
+    """
+    collate = collate_fn or torch.utils.data.default_collate
+
+    def factory(start: int, dp_rank: int, dp_size: int) -> Iterator[Any]:
+        per_global = batch_size * dp_size
+        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+            n = len(dataset)
+            per_epoch = n // per_global
+            if per_epoch == 0:
+                raise ValueError(
+                    f"the training set has {n} samples, fewer than one global micro-batch "
+                    f"({batch_size} x {dp_size} data-parallel ranks); use a smaller --batch-size or more data"
+                )
+            m = start
+            while True:
+                epoch, i = divmod(m, per_epoch)
+                if shuffle:
+                    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+                else:
+                    order = list(range(n))
+                for j in range(i, per_epoch):
+                    lo = j * per_global + dp_rank * batch_size
+                    yield collate([dataset[k] for k in order[lo: lo + batch_size]])
+                m = (epoch + 1) * per_epoch
+        else:
+            def samples():
+                while True:  # restart the iterable at its end: a new pass
+                    empty = True
+                    for s in dataset:
+                        empty = False
+                        yield s
+                    if empty:
+                        raise ValueError("the training iterable yielded no samples")
+            it = samples()
+            for _ in itertools.islice(it, start * per_global):
+                pass
+            while True:
+                chunk = list(itertools.islice(it, per_global))
+                yield collate(chunk[dp_rank * batch_size:(dp_rank + 1) * batch_size])
+
+    return factory
+
+
+def count_tokens(batch) -> int:
+    """Non-pad tokens of a batch: ``attention_mask`` sum, else ``input_ids`` size, else 0."""
+    if isinstance(batch, Mapping):
+        if batch.get("attention_mask") is not None:
+            return int(batch["attention_mask"].sum())
+        if batch.get("input_ids") is not None:
+            return int(batch["input_ids"].numel())
+    return 0
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        moved = {k: _to_device(v, device) for k, v in batch.items()}
+        return moved if type(batch) is dict else type(batch)(moved)  # keeps BatchEncoding etc.
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+LossFn = Callable[[Any, Any], "tuple[torch.Tensor, dict[str, float]]"]
+EvalFn = Callable[[Any, int], "dict[str, float]"]
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns (on every rank)."""
+
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss, steps run in this process
+    final_dir: Path | None = None
+    checkpoint_dir: Path | None = None
+
+
+class Trainer:
+    """Trains ``model_factory()`` with DeepSpeed; see the module docstring.
+
+    Args:
+        args: parsed arguments with the fields :func:`add_training_arguments` adds.
+        model_factory: ``() -> PreTrainedModel``, called after seeding with ``--seed`` (every
+            rank builds the same initial weights).
+        loss_fn: ``(model, batch) -> (loss, metrics)``: ``model`` is the DeepSpeed engine
+            (call it like the module); ``loss`` a scalar tensor, the mean over the
+            micro-batch; ``metrics`` floats averaged over the step and the data-parallel
+            ranks. A ``tokens`` entry overrides the token count used for ``tokens_per_s``.
+        train_dataset, collate_fn: a map-style or iterable dataset and its collate function
+            (see :func:`dataset_batches`); or
+        batches: a :data:`BatchIteratorFactory` that can start at any micro-step.
+        eval_fn: ``(model, step) -> metrics``, run on every rank in eval mode every
+            ``--eval-every`` steps and at the end; rank 0's metrics are logged as ``eval_*``.
+        tokenizer: saved into checkpoints and ``OUT/final``.
+        shuffle: shuffle a map-style ``train_dataset`` each epoch.
+    """
+
+    def __init__(self, args, *, model_factory: Callable[[], torch.nn.Module], loss_fn: LossFn,
+                 train_dataset=None, collate_fn: Callable | None = None,
+                 batches: BatchIteratorFactory | None = None, eval_fn: EvalFn | None = None,
+                 tokenizer=None, shuffle: bool = True):
+        if (train_dataset is None) == (batches is None):
+            raise ValueError("pass exactly one of train_dataset (with collate_fn) or batches")
+        self.args = args
+        self.model_factory = model_factory
+        self.loss_fn = loss_fn
+        self.train_dataset = train_dataset
+        self.collate_fn = collate_fn
+        self.batches = batches
+        self.eval_fn = eval_fn
+        self.tokenizer = tokenizer
+        self.shuffle = shuffle
+        self.out = Path(args.out)
+        self.engine = None
+        self.state = None  # ParallelState when tp*sp > 1
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _setup_distributed(self) -> None:
+        a = self.args
+        tp, sp = int(a.tensor_parallel), int(a.sequence_parallel)
+        if tp < 1 or sp < 1:
+            raise ValueError(f"--tensor-parallel and --sequence-parallel must be >= 1, got {tp} and {sp}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % (tp * sp):
+            raise ValueError(
+                f"world size {world} is not divisible by tensor-parallel {tp} x sequence-parallel {sp} = {tp * sp}; "
+                f"launch a multiple of {tp * sp} processes or lower --tensor-parallel/--sequence-parallel"
+            )
+        prepare_environment(getattr(a, "local_rank", None))
+        init_process_group()
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.tp, self.sp = tp, sp
+        self.mpu = None
+        if tp * sp > 1:
+            parallel = _parallel_module("--tensor-parallel/--sequence-parallel > 1")
+            self.state = parallel.initialize_model_parallel(tensor_parallel=tp, sequence_parallel=sp)
+            # The Megatron-style object deepspeed.initialize(mpu=...) takes: the state itself,
+            # or its ``.mpu`` where it keeps one apart.
+            self.mpu = getattr(self.state, "mpu", self.state)
+            # Every TP and SP rank of one data-parallel replica reads the same micro-batches.
+            self.dp_rank = self.mpu.get_data_parallel_rank()
+            self.dp_size = self.mpu.get_data_parallel_world_size()
+            self.dp_group = self.mpu.get_data_parallel_group()
+        else:
+            self.dp_rank, self.dp_size, self.dp_group = self.rank, self.world, None
+        self.device = torch.device("cpu") if on_cpu() else torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+
+    def _build_model(self) -> torch.nn.Module:
+        a = self.args
+        seed_everything(a.seed)
+        model = self.model_factory()
+        # Order: tensor/sequence parallel, then activation checkpointing, then ZeRO (initialize).
+        if self.state is not None:
+            model = _parallel_module("tensor/sequence parallelism").parallelize(model, self.state) or model
+        policy = getattr(a, "activation_checkpointing", "none")
+        if policy not in AC_POLICIES:
+            raise ValueError(f"--activation-checkpointing must be one of {AC_POLICIES}, got {policy!r}")
+        if policy != "none":
+            k = int(getattr(a, "activation_checkpointing_k", 2))
+            try:
+                parallel = importlib.import_module("littlebird_ds.parallel")
+                apply = getattr(parallel, "apply_activation_checkpointing")
+            except (ImportError, AttributeError):
+                apply = None
+            if apply is not None:
+                model = apply(model, policy, every_k=k) or model
+            elif policy == "full":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise RuntimeError(
+                    "--activation-checkpointing every_k needs littlebird_ds.parallel.apply_activation_checkpointing, "
+                    "which is not available in this install; use --activation-checkpointing full"
+                )
+        return model.to(self.device)
+
+    def _initialize(self, model) -> None:
+        import deepspeed
+
+        a = self.args
+        source = str(a.deepspeed) if getattr(a, "deepspeed", None) else "built-in default"
+        self.ds_config = resolve_ds_config(a, self.dp_size, source)
+        self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        groups = param_groups(model, a.weight_decay)
+        schedule = lr_lambda(a.warmup_steps, a.max_steps, a.lr_decay, a.min_lr_ratio)
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+        if offloads_optimizer(self.ds_config) and "optimizer" not in self.ds_config:
+            # ZeRO-Offload requires DeepSpeed's CPU optimizer; let DeepSpeed build it.
+            self.ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": a.lr, "betas": [0.9, 0.999],
+                                                                      "eps": 1e-8, "weight_decay": a.weight_decay}}
+        if "optimizer" in self.ds_config:
+            self.ds_config["optimizer"].setdefault("params", {})["lr"] = a.lr
+            optimizer, params = None, groups
+        else:
+            optimizer, params = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=1e-8), None
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
+            config=self.ds_config, mpu=self.mpu, dist_init_required=False,
+        )
+        self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+
+    def _batch_factory(self) -> BatchIteratorFactory:
+        if self.batches is not None:
+            return self.batches
+        return dataset_batches(self.train_dataset, self.collate_fn, self.micro_batch, self.args.seed, self.shuffle)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        module = self.engine.module
+        return {
+            "format": "littlebird-ds/1",
+            "tensor_parallel": self.tp,
+            "sequence_parallel": self.sp,
+            "world_size": self.world,
+            "zero_stage": self.zero_stage,
+            "bf16": bool(self.ds_config.get("bf16", {}).get("enabled")),
+            "model_class": type(module).__name__,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+        }
+
+    def _write_extra(self, tmp: Path) -> None:
+        config = getattr(self.engine.module, "config", None)
+        if config is not None:
+            config.save_pretrained(tmp)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+
+    def _client_state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "micro_steps": step * self.grad_accum,  # global micro-steps consumed: the data position
+            "seed": self.args.seed,
+            "tensor_parallel": self.tp,
+            "sequence_parallel": self.sp,
+            "data_parallel": self.dp_size,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "model_config": getattr(getattr(self.engine.module, "config", None), "to_dict", dict)(),
+        }
+
+    def _check_resumable(self, tag_dir: Path) -> None:
+        meta = read_meta(tag_dir)
+        saved_tp, saved_sp = meta.get("tensor_parallel", 1), meta.get("sequence_parallel", 1)
+        if saved_tp != self.tp:
+            raise ValueError(
+                f"checkpoint {tag_dir} was saved with tensor-parallel size {saved_tp}, this run uses "
+                f"{self.tp}; resume with --tensor-parallel {saved_tp}, or run `littlebird-ds export {tag_dir} DIR` "
+                f"to merge the shards into a Hugging Face model and start a new run from DIR with "
+                f"--tensor-parallel {self.tp} (the optimizer state does not carry over)"
+            )
+        if saved_sp != self.sp:
+            # SP shards no parameters; the data position per step depends on the DP size only.
+            pass
+        saved_dp = meta.get("world_size", self.world) // (saved_tp * saved_sp)
+        if saved_dp * meta.get("micro_batch", self.micro_batch) * meta.get("grad_accum", self.grad_accum) != \
+                self.dp_size * self.micro_batch * self.grad_accum:
+            raise ValueError(
+                f"checkpoint {tag_dir} was saved with a global batch of {saved_dp} data-parallel ranks x "
+                f"{meta.get('micro_batch')} x grad-accum {meta.get('grad_accum')}; this run's is {self.dp_size} x "
+                f"{self.micro_batch} x {self.grad_accum}; resume with the same global batch so the data position "
+                "and the schedule stay valid"
+            )
+
+    # -- loop -----------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to ``--max-steps`` (resuming if ``--resume``), save and export; see the class doc."""
+        a = self.args
+        self._setup_distributed()
+        model = self._build_model()
+        self._initialize(model)
+        import torch.distributed as dist
+
+        ckpt = CheckpointManager(self.out / "checkpoints", keep=a.keep_checkpoints, rank=self.rank,
+                                 barrier=dist.barrier)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        step = 0
+        if a.resume:
+            tag = ckpt.latest()
+            if tag is None:
+                if self.rank == 0:
+                    print(f"--resume: no checkpoint under {ckpt.root}; starting from step 0", flush=True)
+            else:
+                self._check_resumable(ckpt.root / tag)
+                client = ckpt.load(self.engine, tag)
+                step = int(client["step"])
+        ckpt.clean_stale()
+        if step == 0 and not a.resume and self.rank == 0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()  # a fresh run: do not append to an old log
+
+        logger = _Logger(self.out, self.rank, resumed_at=step)
+        it = self._batch_factory()(step * self.grad_accum, self.dp_rank, self.dp_size)
+        result = TrainResult(step=step, checkpoint_dir=ckpt.root)
+        bar = _progress(self.rank, a.max_steps, step)
+        last_saved = step if a.resume and step > 0 else -1
+        self.engine.train()
+        try:
+            while step < a.max_steps:
+                t0 = time.perf_counter()
+                lr = float(self.lr_scheduler.get_last_lr()[0])  # the lr this step applies
+                loss_sum, tokens, metric_sums = 0.0, 0, {}
+                for _ in range(self.grad_accum):
+                    batch = _to_device(next(it), self.device)
+                    loss, metrics = self.loss_fn(self.engine, batch)
+                    metrics = dict(metrics or {})
+                    tokens += int(metrics.pop("tokens", count_tokens(batch)))
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    loss_sum += float(loss.detach().float())
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                step += 1
+                # Average over micro-batches and data-parallel ranks (every rank gets the value).
+                vals = torch.tensor([loss_sum, float(tokens), *metric_sums.values()], dtype=torch.float64)
+                dist.all_reduce(vals, group=self.dp_group)
+                dt = time.perf_counter() - t0
+                loss_val = float(vals[0]) / (self.grad_accum * self.dp_size)
+                result.losses[step] = loss_val
+                if step % max(1, a.log_every) == 0 or step == a.max_steps:
+                    record = {"step": step, "loss": loss_val, "lr": lr,
+                              "tokens_per_s": float(vals[1]) / max(dt, 1e-9)}
+                    for i, k in enumerate(metric_sums):
+                        record[k] = float(vals[2 + i]) / (self.grad_accum * self.dp_size)
+                    logger.log(record)
+                if self.eval_fn is not None and a.eval_every and step % a.eval_every == 0 and step < a.max_steps:
+                    self._evaluate(step, logger)
+                if a.save_every and step % a.save_every == 0:
+                    ckpt.save(self.engine, step, self._client_state(step), self._meta(), self._write_extra)
+                    last_saved = step
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}")
+        finally:
+            bar.close()
+        if self.eval_fn is not None:
+            self._evaluate(step, logger)
+        if last_saved != step:
+            ckpt.save(self.engine, step, self._client_state(step), self._meta(), self._write_extra)
+        logger.close()
+        result.step = step
+        result.final_dir = self.out / "final"
+        if self.rank == 0:
+            from .export import export_checkpoint
+
+            export_checkpoint(ckpt.root, result.final_dir)
+        dist.barrier()
+        return result
+
+    def _evaluate(self, step: int, logger: "_Logger") -> None:
+        self.engine.eval()
+        with torch.no_grad():
+            metrics = self.eval_fn(self.engine, step) or {}
+        self.engine.train()
+        logger.log({"step": step, **{f"eval_{k}": float(v) for k, v in metrics.items()}})
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _parallel_module(what: str):
+    try:
+        return importlib.import_module("littlebird_ds.parallel")
+    except ImportError as e:
+        raise RuntimeError(f"{what} needs littlebird_ds.parallel, which failed to import: {e}") from e
+
+
+def _progress(rank: int, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=rank != 0, desc="train", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard on rank 0; no-op elsewhere."""
+
+    def __init__(self, out: Path, rank: int, resumed_at: int = 0):
+        self.rank = rank
+        self.file = self.tb = None
+        if rank != 0:
+            return
+        path = out / "metrics.jsonl"
+        if resumed_at > 0 and path.exists():
+            # Drop records past the checkpoint (a killed run logged them); the resumed run re-logs them.
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resumed_at]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
+        except ImportError:  # tensorboard is a dependency; still, never fail a run over logging
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(args, **kwargs) -> TrainResult:
+    """``Trainer(args, **kwargs).fit()``."""
+    return Trainer(args, **kwargs).fit()

@@ -1,0 +1,431 @@
+"""Training engine: ZeRO parity, exact kill-and-resume, atomic saves, export, launchers, errors.
+
+Distributed runs use CPU + gloo: each test launches ``tests/dist_workers/engine_train.py``
+(a tiny LittleBirdForMaskedLM on random token data) under a launcher and reads its rank-0
+``RESULT step:loss ...`` line or ``OUT/metrics.jsonl``.
+
+Tolerances: fp32 runs across ZeRO stages, data-parallel layouts and launchers sum the same
+per-micro-batch losses and gradients in a different order (gloo allreduce vs gradient
+accumulation), so they agree to ~1e-7 relative; we allow 1e-5 absolute. A resumed run
+replays the same arithmetic in the same order as the uninterrupted one, so its losses must
+be bit-identical (``==``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_workers" / "engine_train.py"
+DS_CONFIGS = ROOT / "ds_configs"
+LAUNCH = ROOT / "launch"
+BIN = Path(sys.executable).parent
+STEPS = 5
+TIMEOUT = 240
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
+              "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def _torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
+            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port or _port()),
+            str(WORKER), *args]
+
+
+def _run(cmd: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    if check:
+        assert p.returncode == 0, f"{' '.join(cmd)}\nexit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-6000:]}"
+    return p
+
+
+def _losses(stdout: str) -> dict[int, float]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no RESULT line in:\n{stdout[-3000:]}"
+    return {int(s): float(v) for s, v in (kv.split(":") for kv in lines[-1].split()[1:])}
+
+
+def _jsonl_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def _common(out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return ["--out", str(out), "--max-steps", str(steps), "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", *extra]
+
+
+def _close(a: dict[int, float], b: dict[int, float], atol: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b), (a, b)
+    for s in a:
+        assert abs(a[s] - b[s]) <= atol, f"step {s}: {a[s]!r} vs {b[s]!r}\n{a}\n{b}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """One process, no launcher, built-in ZeRO-0 fp32: micro-batch 2 x grad-accum 2 per step,
+    the same samples per step as 2 data-parallel ranks x micro-batch 2."""
+    out = tmp_path_factory.mktemp("ref")
+    p = _run([sys.executable, str(WORKER), *_common(out, "--batch-size", "2", "--grad-accum", "2")])
+    losses = _losses(p.stdout)
+    assert len(losses) == STEPS and losses[STEPS] < losses[1], losses  # it learns
+    assert _jsonl_losses(out) == losses
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rec) and rec["tokens_per_s"] > 0
+    assert any((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "final" / "model.safetensors").is_file()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity: ZeRO 1-3 with two data-parallel ranks == one process
+# ---------------------------------------------------------------------------------------------
+def _zero3_partitioned_config(tmp: Path) -> Path:
+    # persistence threshold 0: every parameter of the tiny model really is partitioned (the
+    # shipped default keeps parameters under 1e5 elements whole), so training and export
+    # both have to gather.
+    cfg = json.loads((DS_CONFIGS / "zero3_fp32.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp / "z3.json").write_text(json.dumps(cfg))
+    return tmp / "z3.json"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """ZeRO-3, two data-parallel ranks; writes the trained model's logits to ref_logits.pt."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    out = tmp / "run"
+    p = _run(_torchrun(2, *_common(out, "--batch-size", "2", "--deepspeed", str(_zero3_partitioned_config(tmp)),
+                                   "--dump-logits")))
+    return out, _losses(p.stdout)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_dp2_matches_single_process(stage, reference, tmp_path):
+    p = _run(_torchrun(2, *_common(tmp_path, "--batch-size", "2", "--deepspeed", str(DS_CONFIGS / f"zero{stage}_fp32.json"))))
+    _close(_losses(p.stdout), reference)
+    assert json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())["zero_stage"] == stage
+
+
+def test_zero3_dp2_matches_single_process(zero3_run, reference):
+    out, losses = zero3_run
+    _close(losses, reference)
+    assert json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())["zero_stage"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: SIGKILL mid-run, crash inside a save
+# ---------------------------------------------------------------------------------------------
+RESUME_STEPS = 8
+
+
+def _resume_args(out: Path, *extra: str) -> list[str]:
+    # Dropout on: the resumed run must also restore every rank's RNG stream.
+    return _common(out, "--batch-size", "2", "--save-every", "2", "--keep-checkpoints", "2", "--dropout", "0.1",
+                   "--deepspeed", str(DS_CONFIGS / "zero2_fp32.json"), *extra, steps=RESUME_STEPS)
+
+
+@pytest.fixture(scope="module")
+def resume_reference(tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("resume_ref")
+    p = _run(_torchrun(2, *_resume_args(out)))
+    losses = _losses(p.stdout)
+    assert len(losses) == RESUME_STEPS
+    # keep the last 2 checkpoints
+    assert sorted(d.name for d in (out / "checkpoints").iterdir() if d.is_dir()) == ["step_00000006", "step_00000008"]
+    return losses
+
+
+def test_crash_in_save_then_sigkill_then_resume_reproduces_losses_exactly(resume_reference, tmp_path):
+    """Run 1 raises inside the step-4 save (after every file is written, before the commit);
+    run 2 resumes from the last good checkpoint (step 2) and is SIGKILLed after its step-6
+    checkpoint; run 3 resumes from step 6 and finishes. Every logged loss equals the
+    uninterrupted run's, bit for bit."""
+    ckpts = tmp_path / "checkpoints"
+    p = _run(_torchrun(2, *_resume_args(tmp_path, "--crash-in-save-at", "4")), check=False)
+    assert p.returncode != 0 and "simulated crash while saving" in p.stderr
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert (ckpts / ".tmp-step_00000004").is_dir() and not (ckpts / "step_00000004").exists()
+
+    proc = subprocess.Popen(_torchrun(2, *_resume_args(tmp_path, "--resume", "--step-delay", "0.5")), env=_env(),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while (ckpts / "latest").read_text().strip() != "step_00000006":
+            assert proc.poll() is None, f"run 2 ended before the kill:\n{proc.stderr.read()[-4000:]}"
+            assert time.monotonic() < deadline, "no step-6 checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # launcher and both workers, no chance to clean up
+        proc.wait()
+        proc.stderr.close()
+    logged = _jsonl_losses(tmp_path)
+    assert 6 <= max(logged) < RESUME_STEPS, logged  # killed after the checkpoint, before the end
+    assert not (ckpts / ".tmp-step_00000004").exists()  # run 2 removed the interrupted save
+    assert logged == {s: resume_reference[s] for s in logged}  # run 1 (1-3) and run 2 (3-6+) replayed exactly
+
+    p = _run(_torchrun(2, *_resume_args(tmp_path, "--resume")))
+    resumed = _losses(p.stdout)
+    assert sorted(resumed) == list(range(7, RESUME_STEPS + 1))  # started from step 6
+    assert resumed == {s: resume_reference[s] for s in resumed}  # bit-identical
+    assert _jsonl_losses(tmp_path) == resume_reference  # the log holds each step once
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+def test_export_round_trip_from_zero3(zero3_run, tmp_path):
+    import littlebird_ds  # noqa: F401 - registers the Auto classes
+    from littlebird_ds.cli import main as cli
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    out, _ = zero3_run
+    ref = torch.load(out / "ref_logits.pt")
+    assert cli(["export", str(out / "checkpoints"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    for d in (tmp_path / "hf", out / "final"):
+        mlm = AutoModelForMaskedLM.from_pretrained(d).eval()
+        with torch.no_grad():
+            logits = mlm(input_ids=ref["input_ids"]).logits
+        torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-5)
+        base = AutoModel.from_pretrained(d).eval()
+        assert type(base).__name__ == "LittleBirdModel"
+        with torch.no_grad():
+            torch.testing.assert_close(base(input_ids=ref["input_ids"]).last_hidden_state,
+                                       mlm.littlebird(input_ids=ref["input_ids"]).last_hidden_state, rtol=0, atol=0)
+    # Trained weights differ from a fresh init with the same seed: the export is not the init.
+    assert not torch.allclose(logits, torch.zeros_like(logits))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: 2 nodes over loopback (torchrun and deepspeed --no_ssh), accelerate
+# ---------------------------------------------------------------------------------------------
+def _two_nodes(cmd_for_rank, env_for_rank) -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen(cmd_for_rank(r), env=env_for_rank(r), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = []
+    for r, proc in enumerate(procs):
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert proc.returncode == 0, f"node {r} exit {proc.returncode}\n{out[-2000:]}\n{err[-5000:]}"
+        results.append(subprocess.CompletedProcess(proc.args, 0, out, err))
+    return results
+
+
+def test_two_nodes_torchrun_script_over_loopback(reference, tmp_path):
+    port = _port()
+    args = _common(tmp_path, "--batch-size", "2")
+    res = _two_nodes(lambda r: ["bash", str(LAUNCH / "torchrun.sh"), str(WORKER), *args],
+                     lambda r: _env(NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=str(port)))
+    _close(_losses(res[0].stdout), reference)
+
+
+def test_two_nodes_deepspeed_no_ssh_over_loopback(reference, tmp_path):
+    port = _port()
+    args = _common(tmp_path, "--batch-size", "2", "--deepspeed", str(DS_CONFIGS / "zero1_fp32.json"))
+    res = _two_nodes(lambda r: ["bash", str(LAUNCH / "deepspeed_multinode.sh"), str(WORKER), *args],
+                     lambda r: _env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=str(port),
+                                    HOSTFILE=str(LAUNCH / "hostfile")))
+    _close(_losses(res[0].stdout), reference)
+
+
+def test_accelerate_launch_zero2_plugin(reference, tmp_path):
+    """accelerate launch with the ZeRO-2 plugin YAML (one process on CPU: MULTI_CPU/DeepSpeed
+    mode starts one), then two processes through the documented torchrun route."""
+    p = _run([str(BIN / "accelerate"), "launch", "--config_file", str(LAUNCH / "accelerate_zero2.yaml"),
+              "--main_process_port", str(_port()), str(WORKER),
+              *_common(tmp_path / "one", "--batch-size", "2", "--grad-accum", "2")])
+    _close(_losses(p.stdout), reference)
+    meta = json.loads((tmp_path / "one" / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
+    assert meta["zero_stage"] == 2
+    env = _env(ACCELERATE_USE_CPU="true", ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    p = _run(_torchrun(2, *_common(tmp_path / "two", "--batch-size", "2")), env=env)
+    _close(_losses(p.stdout), reference)
+    meta = json.loads((tmp_path / "two" / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
+    assert meta["zero_stage"] == 2 and meta["world_size"] == 2
+
+
+def test_accelerate_yamls_parse():
+    """Every accelerate YAML in launch/ loads with accelerate's own config loader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    yamls = sorted(LAUNCH.glob("accelerate_*.yaml"))
+    assert [y.name for y in yamls] == ["accelerate_ddp.yaml", "accelerate_zero2.yaml", "accelerate_zero3.yaml"]
+    stages = {}
+    for y in yamls:
+        c = load_config_from_file(str(y))
+        stages[y.name] = (c.deepspeed_config or {}).get("zero_stage")
+    assert stages == {"accelerate_ddp.yaml": None, "accelerate_zero2.yaml": 2, "accelerate_zero3.yaml": 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and clear errors (in process: no launch needed)
+# ---------------------------------------------------------------------------------------------
+def _args(**kw):
+    import argparse
+
+    from littlebird_ds.train.engine import add_training_arguments
+
+    return add_training_arguments(argparse.ArgumentParser()).parse_args(
+        [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))])
+
+
+def test_shipped_ds_configs_resolve():
+    from littlebird_ds.train.engine import load_ds_config, offloads_optimizer, resolve_ds_config
+
+    names = sorted(p.name for p in DS_CONFIGS.glob("*.json"))
+    expected = sorted(f"zero{s}_{p}.json" for s in (0, 1, 2, 3) for p in ("fp32", "bf16")) + \
+        ["zero3_offload_bf16.json", "zero3_offload_fp32.json"]
+    assert names == sorted(expected)
+    for name in names:
+        raw = load_ds_config(DS_CONFIGS / name)
+        cfg = resolve_ds_config(_args(deepspeed=DS_CONFIGS / name, batch_size=3, grad_accum=4), dp_size=2)
+        assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 4
+        assert cfg["train_batch_size"] == 24
+        assert cfg["bf16"]["enabled"] == ("bf16" in name)
+        assert offloads_optimizer(raw) == ("offload" in name)
+        assert raw["zero_optimization"]["stage"] == (3 if "offload" in name else int(name[4]))
+
+
+def test_missing_ds_config_error(tmp_path):
+    from littlebird_ds.train.engine import resolve_ds_config
+
+    missing = tmp_path / "nope.json"
+    with pytest.raises(FileNotFoundError, match=r"nope\.json does not exist.*ds_configs"):
+        resolve_ds_config(_args(deepspeed=missing), dp_size=1)
+
+
+def test_malformed_ds_config_errors(tmp_path):
+    from littlebird_ds.train.engine import resolve_ds_config
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2},\n "bf16": {enabled: true}}')
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON: .* line 2 column"):
+        resolve_ds_config(_args(deepspeed=bad), dp_size=1)
+    nokey = tmp_path / "nokey.json"
+    nokey.write_text('{"bf16": {"enabled": true}}')
+    with pytest.raises(ValueError, match=r"nokey\.json has no 'zero_optimization' key"):
+        resolve_ds_config(_args(deepspeed=nokey), dp_size=1)
+    clash = tmp_path / "clash.json"
+    clash.write_text('{"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 4}')
+    with pytest.raises(ValueError, match=r"--batch-size 2 contradicts train_micro_batch_size_per_gpu=4"):
+        resolve_ds_config(_args(deepspeed=clash, batch_size=2), dp_size=1)
+
+
+def test_world_size_not_divisible_error(tmp_path, monkeypatch):
+    from littlebird_ds.train.engine import Trainer
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    t = Trainer(_args(out=tmp_path, tensor_parallel=2), model_factory=lambda: None, loss_fn=lambda m, b: None,
+                batches=lambda *a: iter(()))
+    with pytest.raises(ValueError, match=r"world size 3 is not divisible by tensor-parallel 2 x sequence-parallel 1"):
+        t.fit()
+
+
+def test_resume_with_other_tensor_parallel_size_error(tmp_path):
+    from littlebird_ds.train.engine import Trainer
+
+    (tmp_path / "littlebird_checkpoint.json").write_text(json.dumps(
+        {"tensor_parallel": 2, "sequence_parallel": 1, "world_size": 4, "micro_batch": 2, "grad_accum": 1}))
+    stub = types.SimpleNamespace(tp=1, sp=1, world=2, dp_size=2, micro_batch=2, grad_accum=1)
+    with pytest.raises(ValueError, match=r"tensor-parallel size 2, this run uses 1.*--tensor-parallel 2.*littlebird-ds export"):
+        Trainer._check_resumable(stub, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces: schedule, weight-decay groups, data positioning, atomic pointer
+# ---------------------------------------------------------------------------------------------
+def test_lr_schedule_warmup_then_decay():
+    from littlebird_ds.train.engine import lr_lambda
+
+    f = lr_lambda(4, 14, "linear")
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.5) and f(14) == 0.0
+    c = lr_lambda(0, 10, "cosine", min_ratio=0.1)
+    assert c(0) == 1.0 and c(5) == pytest.approx(0.55) and c(10) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_for_biases_layernorms_bialibi(tiny):
+    from littlebird_ds import LittleBirdForMaskedLM
+    from littlebird_ds.train.engine import param_groups
+
+    model = LittleBirdForMaskedLM(tiny())
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert any("bialibi" in n for n in nd) and any("LayerNorm" in n for n in nd) and any(n.endswith("bias") for n in nd)
+    assert not any("bialibi" in n or "LayerNorm" in n or n.endswith(".bias") for n in d)
+    assert "littlebird.embeddings.word_embeddings.weight" in d
+    assert len(d) + len(nd) == len(list(model.parameters()))
+
+
+def test_dataset_batches_position_and_sharding():
+    from littlebird_ds.train.engine import dataset_batches
+
+    data = [torch.tensor([i]) for i in range(10)]
+    f = dataset_batches(data, None, batch_size=2, seed=0)
+    take = lambda it, n: [b.flatten().tolist() for _, b in zip(range(n), it)]  # noqa: E731
+    single = take(f(0, 0, 1), 12)  # crosses two epoch boundaries (5 micro-batches per epoch)
+    assert take(f(7, 0, 1), 5) == single[7:12]
+    assert sorted(sum(single[:5], [])) == list(range(10)) and single[:5] != single[5:10]
+    # two ranks: global micro-step m is single-process micro-batches 2m (rank 0) and 2m+1 (rank 1)
+    assert take(f(0, 0, 2), 2) == [single[0], single[2]]
+    assert take(f(0, 1, 2), 2) == [single[1], single[3]]
+    assert take(f(1, 1, 2), 1) == [single[3]]
+
+    class Stream:  # an iterable without len(): positioned by skipping, restarted at its end
+        def __iter__(self):
+            return iter(range(7))
+
+    s = dataset_batches(Stream(), None, batch_size=2, seed=0)
+    assert take(s(1, 1, 2), 2) == [[6, 0], [3, 4]]
+    assert take(s(0, 0, 1), 4) == [[0, 1], [2, 3], [4, 5], [6, 0]]
+
+
+def test_latest_pointer_is_replaced_atomically(tmp_path):
+    from littlebird_ds.train.checkpoint import LATEST, read_latest, resolve_checkpoint, write_text_atomic
+
+    (tmp_path / "step_00000002").mkdir()
+    (tmp_path / "step_00000002" / "littlebird_checkpoint.json").write_text("{}")
+    write_text_atomic(tmp_path / LATEST, "step_00000002")
+    assert read_latest(tmp_path) == "step_00000002"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert resolve_checkpoint(tmp_path) == (tmp_path, "step_00000002")
+    assert resolve_checkpoint(tmp_path / "step_00000002") == (tmp_path, "step_00000002")
+    write_text_atomic(tmp_path / LATEST, "step_00000009")
+    with pytest.raises(FileNotFoundError, match="names checkpoint 'step_00000009', which does not exist"):
+        read_latest(tmp_path)
+    shutil.rmtree(tmp_path / "step_00000002")
