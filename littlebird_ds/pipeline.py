@@ -1,0 +1,242 @@
+"""The main job: raw text in a language -> a long-document QA model, in one command.
+
+Stages (each in its own folder under ``OUT``, each skipped when already finished)::
+
+    tokenizer   SentencePiece + HF fast tokenizer trained on the corpus
+    teacher     short-input BERT teacher pretrained with span masking (skipped with --teacher)
+    distill     LittleBird student initialised from the teacher and distilled from it
+    further     further span-masking pretraining of the student on long inputs, Padding Insertion
+    qa-data     cloze QA made from the corpus, test sets at several context lengths
+    qa          QA fine-tuning of the pretrained student (Padding Insertion), of the same
+                student without Padding Insertion, and of a randomly initialised LittleBird
+    evaluate    EM/F1 of the three QA models at every test length
+    report      OUT/report.md + report.json + PNG plots
+
+Every stage runs as a child process of the ``littlebird-ds`` console script (the training
+engine owns its process group and exits the process when done), with its output in
+``OUT/<stage>/log.txt``; a stage is finished when ``OUT/<stage>/DONE.json`` exists, which is
+written atomically last. A failed stage leaves no ``DONE.json``: rerunning the pipeline
+resumes there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+#: Sizes, lengths and step counts per preset. ``tiny`` finishes in about 20 minutes on 2 CPU cores.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=4000, teacher_steps=600, teacher_length=128, distill_steps=300, distill_length=128,
+        further_steps=200, further_length=512, qa_steps=900, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15",
+        eval_lengths=(512, 2048, 4096), batch_size=16, lr=1e-3, questions_per_document="96,24,24",
+    ),
+    "small": dict(
+        vocab_size=8000, teacher_steps=3000, teacher_length=256, distill_steps=2000, distill_length=256,
+        further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2",
+        eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=5e-4, questions_per_document="256,64,64",
+    ),
+    "base": dict(
+        vocab_size=32000, teacher_steps=100000, teacher_length=512, distill_steps=50000, distill_length=512,
+        further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="",
+        eval_lengths=(512, 2048, 4096, 8192, 16384), batch_size=32, lr=1e-4, questions_per_document="256,100,100",
+    ),
+}
+
+
+@dataclass
+class PipelineOptions:
+    out: Path
+    corpus: str = "chichewa-bible"
+    language: str = "nya"
+    preset: str = "tiny"
+    teacher: str | None = None
+    seed: int = 0
+    launcher: str = ""  # e.g. "torchrun --nproc_per_node 2": prefix for the training stages
+    deepspeed: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def settings(self) -> dict:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        return {**PRESETS[self.preset], **self.overrides}
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """Runs the stages in order; see the module docstring."""
+
+    def __init__(self, opts: PipelineOptions, echo: Callable[[str], None] = print):
+        self.o = opts
+        self.s = opts.settings()
+        self.out = Path(opts.out)
+        self.echo = echo
+        self.cli = [sys.executable, "-m", "littlebird_ds.cli"]
+
+    # -- helpers --------------------------------------------------------------------------------
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def done(self, stage: str) -> bool:
+        return (self.dir(stage) / "DONE.json").exists()
+
+    def _run(self, stage: str, argv: list[str], *, train: bool = False, log_name: str = "log.txt") -> None:
+        d = self.dir(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        prefix = shlex.split(self.o.launcher) + ["-m", "littlebird_ds.cli"] if (train and self.o.launcher) else self.cli
+        if train and self.o.deepspeed:
+            argv = argv + ["--deepspeed", self.o.deepspeed]
+        cmd = prefix + argv
+        with open(d / log_name, "a") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if res.returncode != 0:
+            tail = (d / log_name).read_text().splitlines()[-25:]
+            raise RuntimeError(
+                f"stage {stage!r} failed (exit {res.returncode}); its log is {d / log_name}:\n" + "\n".join(tail)
+                + "\nfix the cause and rerun the same command: finished stages are kept"
+            )
+
+    def _finish(self, stage: str, info: dict) -> None:
+        _atomic_json(self.dir(stage) / "DONE.json", {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
+
+    def _train_common(self, out: Path, steps: int) -> list[str]:
+        s = self.s
+        return ["--out", str(out), "--max-steps", str(steps), "--seed", str(self.o.seed),
+                "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
+                "--save-every", str(max(50, steps // 4)), "--log-every", "10", "--eval-every", str(max(50, steps // 4))]
+
+    # -- stages ---------------------------------------------------------------------------------
+    def tokenizer_dir(self) -> Path:
+        return self.dir("tokenizer")
+
+    def stage_tokenizer(self) -> dict:
+        self._run("tokenizer", ["train-tokenizer", "--corpus", self.o.corpus, "--output", str(self.dir("tokenizer")),
+                                "--vocab-size", str(self.s["vocab_size"])])
+        return {"tokenizer": str(self.dir("tokenizer"))}
+
+    def teacher_dir(self) -> Path:
+        return Path(self.o.teacher) if self.o.teacher else self.dir("teacher") / "final"
+
+    def stage_teacher(self) -> dict:
+        s = self.s
+        self._run("teacher", ["pretrain", "--model", "bert", "--preset", self.o.preset, "--corpus", self.o.corpus,
+                              "--tokenizer", str(self.tokenizer_dir()), "--max-length", str(s["teacher_length"])]
+                  + self._train_common(self.dir("teacher"), s["teacher_steps"]), train=True)
+        return {"teacher": str(self.teacher_dir())}
+
+    def stage_distill(self) -> dict:
+        s = self.s
+        self._run("distill", ["distill", "--teacher", str(self.teacher_dir()), "--tokenizer", str(self.tokenizer_dir()),
+                              "--corpus", self.o.corpus, "--max-length", str(s["distill_length"]),
+                              "--block-size", str(32 if self.o.preset == "tiny" else 64),
+                              "--pack-size", str(16 if self.o.preset == "tiny" else 64)]
+                  + self._train_common(self.dir("distill"), s["distill_steps"]), train=True)
+        return {"student": str(self.dir("distill") / "final")}
+
+    def stage_further(self) -> dict:
+        s = self.s
+        self._run("further", ["pretrain", "--model", "littlebird", "--init-from", str(self.dir("distill") / "final"),
+                              "--corpus", self.o.corpus, "--tokenizer", str(self.tokenizer_dir()),
+                              "--max-length", str(s["further_length"]), "--padding-insertion", "0.5",
+                              "--pi-max-length", str(4 * s["further_length"])]
+                  + self._train_common(self.dir("further"), s["further_steps"]), train=True)
+        return {"model": str(self.dir("further") / "final")}
+
+    def stage_qa_data(self) -> dict:
+        s = self.s
+        lengths = ",".join(str(x) for x in s["eval_lengths"])
+        self._run("qa-data", ["make-qa", "--corpus", self.o.corpus, "--tokenizer", str(self.tokenizer_dir()),
+                              "--output", str(self.dir("qa-data")), "--lengths", lengths,
+                              "--train-lengths", str(s["qa_length"]), "--questions-per-document", s["questions_per_document"],
+                              "--block-size", str(32 if self.o.preset == "tiny" else 64), "--seed", str(self.o.seed)])
+        return {"data": str(self.dir("qa-data"))}
+
+    def qa_runs(self) -> dict[str, list[str]]:
+        """name -> model arguments of the three QA fine-tuning runs."""
+        pretrained = ["--model", str(self.dir("further") / "final")]
+        return {
+            "pretrained_pi": pretrained,
+            "pretrained_no_pi": pretrained + ["--no-padding-insertion"],
+            "random_pi": ["--preset", self.o.preset, "--tokenizer", str(self.tokenizer_dir())],
+        }
+
+    def stage_qa(self) -> dict:
+        s = self.s
+        data = self.dir("qa-data")
+        val = str(data / f"validation-{s['qa_length']}.json")
+        done = {}
+        for name, model_args in self.qa_runs().items():
+            out = self.dir("qa") / name
+            if (out / "final").is_dir() and (out / "DONE.json").exists():
+                done[name] = str(out / "final")
+                continue
+            argv = ["finetune-qa", *model_args, "--train", str(data / f"train-{s['qa_length']}.json"),
+                    "--validation", val, "--max-length", str(s["qa_length"])]
+            if s.get("qa_curriculum"):
+                argv += ["--curriculum", s["qa_curriculum"]]
+            self._run("qa", argv + self._train_common(out, s["qa_steps"]), train=True, log_name=f"{name}.log")
+            _atomic_json(out / "DONE.json", {"model": str(out / "final")})
+            done[name] = str(out / "final")
+        return done
+
+    def stage_evaluate(self) -> dict:
+        s = self.s
+        data = self.dir("qa-data")
+        files = ",".join(str(data / f"test-{n}.json") for n in s["eval_lengths"])
+        results = {}
+        for name in self.qa_runs():
+            res = self.dir("evaluate") / f"{name}.json"
+            if not res.exists():
+                self._run("evaluate", ["evaluate-qa", "--model", str(self.dir("qa") / name / "final"), "--data", files,
+                                       "--out", str(res)], log_name=f"{name}.log")
+            results[name] = str(res)
+        return results
+
+    def stage_report(self) -> dict:
+        from .report import write_report
+
+        paths = write_report(self.out, self.s, self.o)
+        return {k: str(v) for k, v in paths.items()}
+
+    def stages(self) -> list[tuple[str, Callable[[], dict]]]:
+        st = [("tokenizer", self.stage_tokenizer)]
+        if not self.o.teacher:
+            st.append(("teacher", self.stage_teacher))
+        st += [("distill", self.stage_distill), ("further", self.stage_further), ("qa-data", self.stage_qa_data),
+               ("qa", self.stage_qa), ("evaluate", self.stage_evaluate), ("report", self.stage_report)]
+        return st
+
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(self.out / "pipeline.json", {**asdict(self.o), "settings": self.s})
+        stages = self.stages()
+        t0 = time.time()
+        with tqdm(total=len(stages), desc="pipeline", unit="stage") as bar:
+            for name, fn in stages:
+                if self.done(name):
+                    bar.set_postfix_str(f"{name}: done before")
+                    bar.update(1)
+                    continue
+                bar.set_postfix_str(f"{name} (log: {self.dir(name)})")
+                start = time.time()
+                info = fn()
+                self._finish(name, {**info, "seconds": round(time.time() - start, 1)})
+                bar.update(1)
+        self.echo(f"pipeline finished in {time.time() - t0:.0f} s: {self.out / 'report.md'}")
+        return self.out / "report.md"
