@@ -145,6 +145,9 @@ class LittleBirdLayer(GradientCheckpointingLayer):
             self.pack_attention = PackAttention(config)
         if self.updates_packed:
             self.pack_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            # Its own module (same p) so sequence parallelism can give the token stream per-shard
+            # masks while the replicated packed stream keeps the same mask on every rank.
+            self.pack_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attention = UnpackSlidingWindowAttention(config)
         self.attention_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
@@ -155,7 +158,7 @@ class LittleBirdLayer(GradientCheckpointingLayer):
         cp = None
         if self.has_pack:
             cp = self.pack_attention(p, x, layout)  # [B, s, d]
-            p = self.pack_LayerNorm(self.dropout(cp) + p) if self.updates_packed else None
+            p = self.pack_LayerNorm(self.pack_dropout(cp) + p) if self.updates_packed else None
         a = self.attention_LayerNorm(self.dropout(self.attention(x, cp, layout)) + x)  # [B, l, d]
         x = self.output_LayerNorm(self.dropout(self.ffn(a)) + a)
         return x, p
