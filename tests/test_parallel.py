@@ -86,6 +86,7 @@ def test_each_mapping_alone_forward_and_backward_and_clear_errors(two_procs):
     assert r["vocab_parallel_cross_entropy"] == r["groups"] == r["dropout_rng"] == "ok"
     assert "world size 2" in r["world_error"] and "tensor_parallel (2)" in r["world_error"]
     assert "num_attention_heads (3)" in r["heads_error"] and "sequence_parallel (2)" in r["heads_error"]
+    assert "torch.manual_seed(same seed)" in r["replica_error"]
 
 
 def test_tensor_parallel_2_equals_single_process(two_procs):
@@ -132,25 +133,29 @@ def _mlm_batch(cfg, B=2, L=37, seed=0):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "every_k"])
-def test_activation_checkpointing_policy_gives_the_same_gradients(policy):
-    """With dropout on: non-reentrant checkpointing restores the RNG state, so the recomputed
-    layers draw the same masks and gradients are bitwise equal."""
+def test_activation_checkpointing_policies_give_the_same_gradients():
+    """none / full / every_k (k = 2 of 3 layers), dropout on: non-reentrant checkpointing restores
+    the RNG state, so recomputed layers draw the same masks and gradients are bitwise equal."""
     cfg = tiny_config(num_hidden_layers=3, num_attention_heads=4, hidden_size=32, hidden_dropout_prob=0.1,
                       attention_probs_dropout_prob=0.1)
     torch.manual_seed(0)
     ref = LittleBirdForMaskedLM(cfg).train()
-    model = apply_activation_checkpointing(copy.deepcopy(ref), policy, every_k=2)
-    on = [layer.gradient_checkpointing for layer in model.littlebird.layers]
-    assert on == {"none": [False] * 3, "full": [True] * 3, "every_k": [True, False, True]}[policy]
     batch = _mlm_batch(cfg)
-    grads = []
-    for m in (ref, model):
+
+    def grads(m):
         torch.manual_seed(7)
         m(**batch).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters()})
-    for n in grads[0]:
-        assert torch.equal(grads[0][n], grads[1][n]), n
+        return {n: p.grad for n, p in m.named_parameters()}
+
+    want = grads(ref)
+    expected = {"none": [False] * 3, "full": [True] * 3, "every_k": [True, False, True]}
+    for policy, pattern in expected.items():
+        model = apply_activation_checkpointing(copy.deepcopy(ref), policy, every_k=2)
+        model.zero_grad(set_to_none=True)
+        assert [layer.gradient_checkpointing for layer in model.littlebird.layers] == pattern
+        got = grads(model)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (policy, n)
 
 
 def test_activation_checkpointing_rejects_unknown_policy():

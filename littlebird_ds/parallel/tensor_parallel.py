@@ -461,11 +461,43 @@ def _base(model: nn.Module) -> LittleBirdModel:
     )
 
 
+def _check_replicas_agree(model: nn.Module, state: ParallelState) -> None:
+    """Fail fast when the ranks of a TP x SP group hold different full weights or different
+    default RNG states (each rank slices its shard from its own copy, and dropout on replicated
+    activations relies on one generator state): one ``[params + 1]`` fp64 fingerprint, reduced
+    by max and min over the TP and SP groups."""
+    with torch.no_grad():
+        sums = [p.detach().double().sum() for p in model.parameters()]
+        rng = torch.random.get_rng_state().double()
+        rng_fp = (rng * torch.arange(1, rng.numel() + 1, dtype=torch.float64)).sum()
+        fp = torch.stack(sums + [rng_fp]).cpu()  # [params + 1]
+    for group in (state.tensor_parallel_group, state.sequence_parallel_group):
+        if _size(group) == 1:
+            continue
+        hi, lo = fp.clone(), fp.clone()
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=group)
+        if not torch.equal(hi[:-1], lo[:-1]):
+            raise ValueError(
+                "ranks of one tensor/sequence-parallel group hold different model weights; build the model after "
+                "torch.manual_seed(same seed) on every rank, or load the same checkpoint, before parallelize()"
+            )
+        if hi[-1] != lo[-1]:
+            raise ValueError(
+                "ranks of one tensor/sequence-parallel group have different torch RNG states, so dropout on "
+                "replicated activations would draw different masks; call torch.manual_seed(same seed) on every rank "
+                "before parallelize()"
+            )
+
+
 def parallelize(model: nn.Module, state: ParallelState, gather_output: bool = True) -> nn.Module:
     """Convert a built single-process LittleBird model in place for ``state``'s TP x SP layout
     and return it. Weights are sliced from the model, so every rank must hold the same full
     weights beforehand (same seed, or load a checkpoint first). Order: tensor parallel, then
     sequence parallel; apply activation checkpointing after this, then ``deepspeed.initialize``.
+
+    Raises ``ValueError`` when the heads do not split over ``TP * SP`` ranks, or when the ranks of
+    a TP x SP group hold different weights or RNG states (seed every rank the same).
 
     Inputs stay what the single-process model takes (full ``[B, L]`` ids, mask, labels, the same
     on every TP and SP rank); outputs come back at the full input length (see
@@ -485,6 +517,7 @@ def parallelize(model: nn.Module, state: ParallelState, gather_output: bool = Tr
     if state.is_trivial:
         model.parallel_state = state
         return model
+    _check_replicas_agree(model, state)
     g = state.tensor_parallel_group
     heads_per_rank = cfg.num_attention_heads // tp
 

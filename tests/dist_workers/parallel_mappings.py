@@ -158,6 +158,22 @@ def run() -> dict:
         msg = str(e)
         assert "num_attention_heads (3)" in msg and "tensor_parallel (1)" in msg and "sequence_parallel (2)" in msg, msg
         results["heads_error"] = msg
+    # Ranks that built different weights (seeded by rank) are refused before any slicing.
+    torch.manual_seed(rank)
+    try:
+        parallelize(LittleBirdModel(pc.tiny()), state)
+        raise AssertionError("expected ValueError")
+    except ValueError as e:
+        assert "different model weights" in str(e), str(e)
+        results["replica_error"] = str(e)
+    torch.manual_seed(0)
+    model = LittleBirdModel(pc.tiny())
+    torch.manual_seed(rank)
+    try:
+        parallelize(model, state)
+        raise AssertionError("expected ValueError")
+    except ValueError as e:
+        assert "different torch RNG states" in str(e), str(e)
 
     return results
 
