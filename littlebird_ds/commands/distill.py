@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from littlebird_ds.train.distill import run_distillation
     from littlebird_ds.train.engine import finish_worker
 
-    run_distillation(args)
+    try:
+        run_distillation(args)
+    except (FileNotFoundError, ValueError) as e:
+        # A set-up error is the user's to fix: show the message, not a traceback.
+        raise SystemExit(f"distill: error: {e}") from None
     finish_worker()
     return 0
