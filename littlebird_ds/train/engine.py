@@ -64,7 +64,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -619,9 +619,7 @@ class Trainer:
                 f"to merge the shards into a Hugging Face model and start a new run from DIR with "
                 f"--tensor-parallel {self.tp} (the optimizer state does not carry over)"
             )
-        if saved_sp != self.sp:
-            # SP shards no parameters; the data position per step depends on the DP size only.
-            pass
+        # A different SP size is allowed: SP shards activations, not parameters or optimizer state.
         saved_dp = meta.get("world_size", self.world) // (saved_tp * saved_sp)
         if saved_dp * meta.get("micro_batch", self.micro_batch) * meta.get("grad_accum", self.grad_accum) != \
                 self.dp_size * self.micro_batch * self.grad_accum:
@@ -757,7 +755,7 @@ class _Logger:
         path = out / "metrics.jsonl"
         if resumed_at > 0 and path.exists():
             # Drop records past the checkpoint (a killed run logged them); the resumed run re-logs them.
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resumed_at]
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resumed_at]
             path.write_text("".join(ln + "\n" for ln in kept))
         self.file = open(path, "a")
         try:

@@ -63,18 +63,45 @@ def gather_state_dicts(root: Path, tag: str, tp_size: int) -> list[dict[str, tor
     return out
 
 
+def _common_keys(sds: list[dict], tied: set[str], where) -> list[dict]:
+    """The TP ranks' state dicts with one key order, without tied copies.
+
+    zero_to_fp32 orders keys by optimizer group and restores a tied weight (the MLM decoder,
+    tied to the word embeddings) only where DeepSpeed recorded the sharing, which can differ
+    between TP ranks; the tie is rebuilt after loading, so tied copies are dropped here.
+    """
+    keys = [k for k in sds[0] if k not in tied]
+    for r, sd in enumerate(sds):
+        extra = set(sd) - set(keys) - tied
+        missing = set(keys) - set(sd)
+        if extra or missing:
+            raise RuntimeError(
+                f"{where}: tensor-parallel rank {r} has other parameters than rank 0 (missing {sorted(missing)[:8]}, "
+                f"extra {sorted(extra)[:8]}); the checkpoint is incomplete or mixes runs"
+            )
+    return [{k: sd[k] for k in keys} for sd in sds]
+
+
 def load_checkpoint_model(ckpt: str | os.PathLike):
     """The model a checkpoint holds, as an unsharded fp32 ``PreTrainedModel`` (CPU, eval mode)."""
     import littlebird_ds  # registers the model classes
-    from littlebird_ds import LittleBirdConfig
+    import transformers
+    from transformers import AutoConfig
 
     root, tag = resolve_checkpoint(ckpt)
     tag_dir = root / tag
     meta = read_meta(tag_dir)
     tp = int(meta.get("tensor_parallel", 1))
-    config = LittleBirdConfig.from_pretrained(tag_dir)
+    # AutoConfig: a run may train a Hugging Face model too (the BERT teacher of `pretrain`).
+    config = AutoConfig.from_pretrained(tag_dir)
+    cls_name = meta.get("model_class", "LittleBirdForMaskedLM")
+    cls = getattr(littlebird_ds, cls_name, None) or getattr(transformers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"{tag_dir}: unknown model class {cls_name!r}; expected one of littlebird_ds's model classes")
+    tied = set(getattr(cls, "_tied_weights_keys", None) or {})
     sds = gather_state_dicts(root, tag, tp)
     if tp > 1:
+        sds = _common_keys(sds, tied, tag_dir)
         try:
             from littlebird_ds.parallel import merge_tensor_parallel_state_dicts
         except ImportError as e:
@@ -85,10 +112,6 @@ def load_checkpoint_model(ckpt: str | os.PathLike):
         sd = merge_tensor_parallel_state_dicts(sds, config)
     else:
         sd = sds[0]
-    cls_name = meta.get("model_class", "LittleBirdForMaskedLM")
-    cls = getattr(littlebird_ds, cls_name, None)
-    if cls is None:
-        raise ValueError(f"{tag_dir}: unknown model class {cls_name!r}; expected one of littlebird_ds's model classes")
     model = cls(config)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {})

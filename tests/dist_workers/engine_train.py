@@ -66,7 +66,7 @@ def main():
     from littlebird_ds import LittleBirdConfig, LittleBirdForMaskedLM
 
     def model_factory():
-        cfg = LittleBirdConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+        cfg = LittleBirdConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=48, block_size=8, pack_size=5, hidden_dropout_prob=args.dropout,
                                attention_probs_dropout_prob=args.dropout, attention_kernel="eager")
         return LittleBirdForMaskedLM(cfg)
