@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 #: Attention kernels a config may ask for. ``auto`` picks the fastest valid kernel for the
 #: device and for training vs inference at call time (see ``littlebird_ds.model.attention``).
-ATTENTION_KERNELS = ("auto", "eager", "flex")
+ATTENTION_KERNELS = ("auto", "eager", "blocked", "flex")
 HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 FIRST_TOKEN_BIAS = ("constant", "linear")
 
@@ -38,8 +38,11 @@ class LittleBirdConfig(PretrainedConfig):
         pack_size: ``s``, the length of the learned packed sequence of LUNA-style pack &
             unpack attention. ``0`` disables pack & unpack attention (the "sliding window
             only" ablation).
-        attention_kernel: ``"auto"`` (default), ``"eager"`` (blocked reference kernel, trains
-            everywhere) or ``"flex"`` (``torch.nn.attention.flex_attention``).
+        attention_kernel: ``"auto"`` (default: the fastest valid kernel for the device and for
+            training vs inference), ``"eager"`` (readable blocked reference kernel, trains
+            everywhere), ``"blocked"`` (same math, flash-style backward: faster and lighter,
+            trains everywhere) or ``"flex"`` (``torch.nn.attention.flex_attention``; on CPU
+            inference only, torch has no CPU backward for it).
         bialibi_first_token: ``"constant"`` (default): the first token ``[CLS]`` is at distance
             ``alpha`` from every position; ``"linear"``: ``alpha * |i - j|``.
     """

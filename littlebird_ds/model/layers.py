@@ -100,8 +100,10 @@ class UnpackSlidingWindowAttention(nn.Module):
         self.core_attention = self._local_attention
 
     def _local_attention(self, q, k, v, kp, vp, layout: BlockLayout, head_start: int) -> torch.Tensor:
-        training = self.training and torch.is_grad_enabled()
-        kernel = get_kernel(self.kernel_name, q.device.type, training)
+        # A kernel is picked for "training" whenever autograd will need its backward (an eval-mode
+        # forward with grad enabled included): some kernels (flex on CPU) have none.
+        needs_backward = torch.is_grad_enabled() and (q.requires_grad or self.bialibi.alpha_raw.requires_grad)
+        kernel = get_kernel(self.kernel_name, q.device.type, needs_backward)
         slopes = self.bialibi.slopes(head_start, q.shape[1])
         return kernel(q, k, v, kp, vp, slopes, layout, first_token=self.first_token,
                       dropout_p=self.dropout_p, training=self.training)

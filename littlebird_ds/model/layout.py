@@ -9,7 +9,7 @@ Shape legend: ``B`` batch, ``l`` padded length, ``b`` block size, ``n = l / b`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,8 @@ class BlockLayout:
         seq_blocks: ``[B]`` each sequence's own block count
             ``max(4, ceil((index of its last real token + 1) / b))`` (padding invariance).
         window_start: ``[B, n]`` first window block ``w = clamp(i - 1, 1, n_seq - 3)``.
+        cache: per-layout constants kernels derive once and share across layers (bias
+            patterns, window masks), keyed by the kernel.
     """
 
     block_size: int
@@ -69,6 +71,7 @@ class BlockLayout:
     key_mask: torch.Tensor
     seq_blocks: torch.Tensor
     window_start: torch.Tensor
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def length(self) -> int:

@@ -14,9 +14,12 @@ Shape legend (used in every kernel file):
     slopes   (alpha, beta, gamma), each [H] fp32 >= 0, already sliced to this rank's heads
     out      [B, H, l, dh]
 
-``dense`` is the quadratic reference used only by tests; ``eager`` is the blocked kernel that
-trains everywhere. Faster kernels register themselves with :func:`register_kernel` and are
-tested against ``eager``.
+``dense`` is the quadratic reference used only by tests; ``eager`` is the readable blocked
+kernel that trains everywhere (plain autograd); ``blocked`` computes the same with a
+flash-style backward (recomputes probabilities, fast and light: the default for training);
+``flex`` is ``torch.nn.attention.flex_attention`` (inference on CPU, training on GPU).
+Faster kernels register themselves with :func:`register_kernel` and are tested against
+``eager`` and ``dense``.
 """
 
 from __future__ import annotations
@@ -82,10 +85,14 @@ def select_default_kernel(device_type: str, training: bool) -> str:
 
 
 # Fastest first; a kernel missing from the registry or unavailable is passed over.
-_PREFERENCE = ("flex", "eager")
+_PREFERENCE = ("flex", "blocked", "eager")
 
+from . import flex  # noqa: E402
+from .blocked import blocked_attention  # noqa: E402
 from .eager import eager_attention  # noqa: E402
 
 register_kernel("eager", eager_attention)
+register_kernel("blocked", blocked_attention)
+register_kernel("flex", flex.flex_kernel, unavailable=flex.unavailable)
 
-__all__ = ["AttentionKernel", "register_kernel", "available_kernels", "get_kernel", "select_default_kernel", "eager_attention"]
+__all__ = ["AttentionKernel", "register_kernel", "available_kernels", "get_kernel", "select_default_kernel", "eager_attention", "blocked_attention"]

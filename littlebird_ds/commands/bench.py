@@ -1,0 +1,81 @@
+"""Benchmark LittleBird against BigBird, Longformer and full-attention BERT at one size.
+
+For each length (batch 1, fp32, random weights): inference step time (no grad), training
+step time (forward + backward) and the peak memory of each, every configuration in a fresh
+process; systems interleaved in rounds, medians, ratios of LittleBird to each peer at the
+same length, log-log slopes, and LittleBird's achieved FLOP rate as a fraction of the
+machine's fp32 matmul rate measured in the same run. Writes bench.json, bench.md and
+bench.png into --out. Machines are noisy: compare ratios from one run, not absolute times.
+
+Example:
+  littlebird-ds bench --out runs/bench
+  littlebird-ds bench --lengths 2048,32768 --systems littlebird,littlebird:eager,bigbird
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
+MAX_LENGTH = 65536
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1 or values[-1] > MAX_LENGTH:
+        raise argparse.ArgumentTypeError(f"lengths must lie in [1, {MAX_LENGTH}], got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", default="default", choices=["default", "base"],
+                        help="default: hidden 256, 4 layers, 4 heads, FFN 1024; base: 768/12/12/3072 (vocab 8000)")
+    parser.add_argument("--lengths", type=_lengths, default=_lengths(DEFAULT_LENGTHS),
+                        help=f"comma-separated token counts (default {DEFAULT_LENGTHS}; up to {MAX_LENGTH})")
+    parser.add_argument("--systems", default="littlebird,bigbird,longformer,bert",
+                        help="comma-separated; littlebird:KERNEL pins an attention kernel (default: auto)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all systems per length (default 3)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode per run, after one warm-up (default 2)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run (default: all cores)")
+    parser.add_argument("--max-step-s", type=float, default=60.0,
+                        help="skip a system at lengths where its training step is predicted slower (default 60)")
+    parser.add_argument("--max-memory-gb", type=float, default=16.0,
+                        help="skip a system at lengths where its peak memory is predicted higher (default 16)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: lengths 512,1024, one round, one step (overrides --lengths/--rounds/--steps)")
+    parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from littlebird_ds.bench import report, runner
+    from littlebird_ds.bench.systems import SYSTEMS
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    for name in systems:
+        if runner.split_system(name)[0] not in SYSTEMS:
+            raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)} (littlebird:KERNEL allowed)")
+    lengths, rounds, steps = args.lengths, args.rounds, args.steps
+    if args.quick:
+        lengths, rounds, steps = [512, 1024], 1, 1
+    plan = runner.Plan(systems=systems, lengths=lengths, size=args.size, rounds=rounds, steps=steps,
+                       threads=args.threads, max_step_s=args.max_step_s, max_memory_gb=args.max_memory_gb)
+    command = "littlebird-ds bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
+    out = Path(args.out)
+
+    def checkpoint(results):  # partial results survive an interrupted run
+        report.write(report.summarise(results, plan), results, out, command)
+
+    results = runner.run(plan, progress=not args.no_progress, on_result=checkpoint)
+    summary = report.summarise(results, plan)
+    paths = report.write(summary, results, out, command)
+    print(report.markdown(summary, command))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,280 @@
+"""Blocked kernel with flash-style backward: the fast trainable kernel on every device.
+
+Same math as ``eager`` (spec section 3), organised for speed and memory:
+
+* Keys every query sees (packed keys and block 0) are one ``[s + b]`` key set, so their
+  scores are one large matmul ``q @ [kp; k0]^T`` over all ``l`` queries; only the
+  three-block window is gathered per query block.
+* BiALiBi is linear in the slopes: ``D = alpha F + beta L + gamma R`` with position
+  patterns ``F, L, R`` that depend only on the layout. The patterns are built once per
+  forward (``BlockLayout.cache``) and shared by all layers; a layer's bias is one small
+  ``slopes @ patterns`` product. Window patterns depend only on ``delta = i - w_i`` (how far
+  a block's window is shifted), so one ``[b, 3b]`` table per distinct ``delta`` serves all
+  blocks, and the interior blocks (``delta = 1``) add it as a broadcast view.
+* ``torch.autograd.Function`` saving only ``q, k, v, kp, vp``, the output and the row
+  log-sum-exp (and the dropout mask, as bool, when dropout is on); backward recomputes the
+  probabilities. No ``[l, s + 4b]`` tensor outlives the layer's forward.
+
+Shapes as in ``attention/__init__.py``; also ``K = s + b`` global keys, ``U`` distinct window
+shifts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..bialibi import bialibi_distance
+from ..layout import BlockLayout
+
+_NEG = torch.finfo(torch.float32).min  # finite: a fully masked row stays finite
+
+
+def _unit_patterns(qpos: torch.Tensor, kpos: torch.Tensor, first_token: str) -> torch.Tensor:
+    """``[3, ...]`` the distance patterns ``F, L, R`` with ``D = alpha F + beta L + gamma R``."""
+    eye = torch.eye(3, device=qpos.device)
+    return bialibi_distance(qpos, kpos, eye[0], eye[1], eye[2], first_token)
+
+
+def _patterns(layout: BlockLayout, first_token: str, device: torch.device) -> dict:
+    """Per-layout constants, built once per forward and shared by every layer."""
+    key = ("blocked", first_token, str(device))
+    if key in layout.cache:
+        return layout.cache[key]
+    b, n, l = layout.block_size, layout.num_blocks, layout.length
+    pos = torch.arange(l, device=device)
+    p0 = _unit_patterns(pos.view(l, 1), pos[:b].view(1, b), first_token)  # [3, l, b]
+    ws = layout.window_start.to(device)  # [B, n]
+    delta = torch.arange(n, device=device) - ws  # [B, n] query block minus window start
+    shifts, inverse = torch.unique(delta, return_inverse=True)  # [U], [B, n]
+    r = torch.arange(b, device=device)
+    c = torch.arange(3 * b, device=device)
+    # Query i*b + r, key w*b + c: only i - w matters, except for query 0 (block 0, r = 0), which
+    # gets its own row q0. Positions are offset by 2b so that no table position reads as the
+    # first token (window keys never are: w >= 1).
+    qpos = shifts.view(-1, 1, 1) * b + r.view(1, b, 1) + 2 * b  # [U, b, 1]
+    pw = _unit_patterns(qpos, (c + 2 * b).view(1, 1, 3 * b), first_token)  # [3, U, b, 3b]
+    block0_delta = int(delta[0, 0])
+    q0 = _unit_patterns(torch.zeros(1, 1, device=device, dtype=torch.long),
+                        (ws[0, 0] * b + c).view(1, 3 * b), first_token)  # [3, 1, 3b]
+    wb = layout.window_blocks().to(device)  # [B, n, 3]
+    uniform = bool((wb == wb[:1]).all())
+    interior = delta == 1  # [B, n]
+    has_pad = not bool(layout.key_mask.all())
+    out = dict(
+        p0=p0.reshape(3, l * b),  # [3, l*b]
+        pw=pw.reshape(3, -1),  # [3, U*b*3b]
+        q0=q0.view(3, 3 * b),
+        block0_shift=int((shifts == block0_delta).nonzero()[0, 0]),
+        num_shifts=len(shifts),
+        shift_index=inverse,  # [B, n]
+        interior=interior,
+        interior_range=_interior_range(interior) if uniform else None,
+        wb=wb,
+        uniform=uniform,
+        has_pad=has_pad,
+        key_mask0=layout.key_mask[:, :b].to(device),  # [B, b]
+        window_mask=layout.key_mask.view(-1, n, b).to(device)[torch.arange(wb.shape[0], device=device).view(-1, 1, 1), wb].flatten(2),  # [B, n, 3b]
+    )
+    layout.cache[key] = out
+    return out
+
+
+def _interior_range(interior: torch.Tensor) -> tuple[int, int] | None:
+    """``(lo, hi)`` when the interior blocks of row 0 are exactly ``lo..hi-1``."""
+    idx = interior[0].nonzero().flatten()
+    if len(idx) == 0:
+        return None
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    return (lo, hi) if hi - lo == len(idx) else None
+
+
+def _gather_window(xb: torch.Tensor, pat: dict) -> torch.Tensor:
+    """``xb [B, H, n, b, dh]`` -> ``[B, H, n, 3b, dh]``: the window blocks of every query block."""
+    B, H, n, b, dh = xb.shape
+    wb = pat["wb"]
+    if pat["uniform"]:
+        g = xb.index_select(2, wb[0].reshape(-1))  # [B, H, 3n, b, dh]
+    else:
+        g = torch.cat([xb[r : r + 1].index_select(2, wb[r].reshape(-1)) for r in range(B)], dim=0)
+    return g.view(B, H, n, 3 * b, dh)  # (i, c, row) -> window rows of block i
+
+
+def _scatter_window(gw: torch.Tensor, pat: dict, out_b: torch.Tensor) -> None:
+    """Adjoint of ``_gather_window``: add ``gw [B, H, n, 3b, dh]`` into ``out_b [B, H, n, b, dh]``."""
+    B, H, n, b3, dh = gw.shape
+    b = b3 // 3
+    wb = pat["wb"]
+    g = gw.view(B, H, 3 * n, b, dh)  # [B, H, 3n, b, dh] one row per gathered block
+    if pat["uniform"]:
+        out_b.index_add_(2, wb[0].reshape(-1), g)
+    else:
+        for r in range(B):
+            out_b[r].index_add_(1, wb[r].reshape(-1), g[r])
+
+
+def _window_bias_add(sw: torch.Tensor, table: torch.Tensor, pat: dict, sign: float = 1.0) -> None:
+    """``sw [B, H, n, b, 3b] += sign * table[:, shift of each block]`` with ``table [H, U, b, 3b]``;
+    the interior blocks add one broadcast view, the few edge blocks are indexed."""
+    B, H, n = sw.shape[:3]
+    rng = pat["interior_range"]
+    for r in range(B):
+        idx = pat["shift_index"][r]  # [n]
+        edge = torch.arange(n, device=sw.device)
+        if rng is not None:
+            lo, hi = rng
+            sw[r, :, lo:hi].add_(table[:, idx[lo]].unsqueeze(1), alpha=sign)  # [H, 1, b, 3b] over the blocks
+            edge = torch.cat([edge[:lo], edge[hi:]])
+        if len(edge):
+            sw[r, :, edge] += sign * table[:, idx[edge]]  # [H, e, b, 3b]
+
+
+def _window_bias_grad(ds_w: torch.Tensor, pat: dict) -> torch.Tensor:
+    """``[H, U, b, 3b]``: ``ds_w [B, H, n, b, 3b]`` summed over the blocks of each shift."""
+    B, H, n, b, b3 = ds_w.shape
+    U = pat["num_shifts"]
+    out = ds_w.new_zeros(H, U, b, b3)
+    for r in range(B):
+        out.index_add_(1, pat["shift_index"][r], ds_w[r])
+    return out
+
+
+def _scores(qs, kg, kw, slopes, pat, layout, s):
+    """Biased, masked scores ``(sg [B, H, l, K], sw [B, H, n, b, 3b])`` fp32; ``qs`` is pre-scaled."""
+    alpha, beta, gamma = slopes
+    B, H, l, dh = qs.shape
+    b, n = layout.block_size, layout.num_blocks
+    sl = torch.stack([alpha, beta, gamma], dim=1)  # [H, 3]
+    sg = torch.matmul(qs, kg.transpose(-1, -2)).float()  # [B, H, l, K]
+    if s:
+        sg[..., :s] -= ((beta + gamma) / 2 * b).view(1, H, 1, 1)
+    sg[..., s:] -= (sl @ pat["p0"]).view(1, H, l, b)  # BiALiBi to block 0
+    sw = torch.matmul(qs.view(B, H, n, b, dh), kw.transpose(-1, -2)).float()  # [B, H, n, b, 3b]
+    table = (sl @ pat["pw"]).view(H, pat["num_shifts"], b, 3 * b)  # [H, U, b, 3b]
+    _window_bias_add(sw, table, pat, sign=-1.0)
+    # Query 0 ([CLS]) sits at distance alpha from every key, not at its shift-table distance.
+    sw[:, :, 0, 0] += (table[:, pat["block0_shift"], 0] - sl @ pat["q0"]).unsqueeze(0)
+    if pat["has_pad"]:
+        sg[..., s:].masked_fill_(~pat["key_mask0"].view(B, 1, 1, b), _NEG)
+        sw.masked_fill_(~pat["window_mask"].view(B, 1, n, 1, 3 * b), _NEG)
+    return sg, sw
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, dropout_p):
+        B, H, l, dh = q.shape
+        b, n = layout.block_size, layout.num_blocks
+        s = 0 if kp is None else kp.shape[2]
+        pat = _patterns(layout, first_token, q.device)
+        qs = q * dh**-0.5  # [B, H, l, dh] contiguous
+        kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
+        kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
+        vg = vb[:, :, 0] if vp is None else torch.cat([vp, vb[:, :, 0]], dim=2)
+        sg, sw = _scores(qs, kg, _gather_window(kb, pat), (alpha, beta, gamma), pat, layout, s)
+        # One softmax over [global keys | window keys], computed in place.
+        m = torch.maximum(sg.amax(-1), sw.amax(-1).view(B, H, l))  # [B, H, l]
+        pg = sg.sub_(m.unsqueeze(-1)).exp_()
+        pw = sw.sub_(m.view(B, H, n, b, 1)).exp_()
+        total = pg.sum(-1) + pw.sum(-1).view(B, H, l)  # [B, H, l]
+        lse = m + total.log()
+        pg.div_(total.unsqueeze(-1))
+        pw.div_(total.view(B, H, n, b, 1))
+        masks = ()
+        if dropout_p > 0:
+            keep = 1.0 - dropout_p
+            mg = torch.rand_like(pg) < keep  # [B, H, l, K]
+            mw = torch.rand_like(pw) < keep  # [B, H, n, b, 3b]
+            pg.mul_(mg).div_(keep)
+            pw.mul_(mw).div_(keep)
+            masks = (mg, mw)
+        pg, pw = pg.to(v.dtype), pw.to(v.dtype)
+        out = torch.matmul(pg, vg)  # [B, H, l, dh]
+        out += torch.matmul(pw, _gather_window(vb, pat)).view(B, H, l, dh)
+        ctx.save_for_backward(q, k, v, kp, vp, alpha, beta, gamma, out, lse, *masks)
+        ctx.layout, ctx.first_token, ctx.dropout_p, ctx.s = layout, first_token, dropout_p, s
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, kp, vp, alpha, beta, gamma, out, lse, *masks = ctx.saved_tensors
+        layout, s, p = ctx.layout, ctx.s, ctx.dropout_p
+        B, H, l, dh = q.shape
+        b, n = layout.block_size, layout.num_blocks
+        pat = _patterns(layout, ctx.first_token, q.device)
+        scale = dh**-0.5
+        qs = q * scale
+        kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
+        kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
+        vg = vb[:, :, 0] if vp is None else torch.cat([vp, vb[:, :, 0]], dim=2)
+        kw, vw = _gather_window(kb, pat), _gather_window(vb, pat)  # [B, H, n, 3b, dh]
+        sg, sw = _scores(qs, kg, kw, (alpha, beta, gamma), pat, layout, s)
+        pg = sg.sub_(lse.unsqueeze(-1)).exp_()  # recomputed probabilities
+        pw = sw.sub_(lse.view(B, H, n, b, 1)).exp_()
+        dout = dout.contiguous()
+        doutb = dout.view(B, H, n, b, dh)
+        delta = (dout * out).sum(-1)  # [B, H, l] = rowsum(P * dP), dropout included
+        delta = delta.float()
+        if p > 0:
+            mg, mw = masks
+            pdg, pdw = pg * mg / (1 - p), pw * mw / (1 - p)
+        else:
+            pdg, pdw = pg, pw
+        pdg, pdw = pdg.to(v.dtype), pdw.to(v.dtype)  # fp32 softmax, matmuls in the input dtype
+        dvg = torch.matmul(pdg.transpose(-1, -2), dout)  # [B, H, K, dh]
+        dvw = torch.matmul(pdw.transpose(-1, -2), doutb)  # [B, H, n, 3b, dh]
+        del pdg, pdw
+        dpg = torch.matmul(dout, vg.transpose(-1, -2)).float()  # [B, H, l, K]
+        dpw = torch.matmul(doutb, vw.transpose(-1, -2)).float()  # [B, H, n, b, 3b]
+        if p > 0:
+            dpg.mul_(mg).div_(1 - p)
+            dpw.mul_(mw).div_(1 - p)
+        dsg = dpg.sub_(delta.unsqueeze(-1)).mul_(pg)  # dS = P * (dP - delta)
+        dsw = dpw.sub_(delta.view(B, H, n, b, 1)).mul_(pw)
+        del pg, pw
+        dsg_, dsw_ = dsg.to(q.dtype), dsw.to(q.dtype)
+        dq = torch.matmul(dsg_, kg)
+        dq += torch.matmul(dsw_, kw).view(B, H, l, dh)
+        dq.mul_(scale)
+        dkg = torch.matmul(dsg_.transpose(-1, -2), qs)  # [B, H, K, dh]
+        dkw = torch.matmul(dsw_.transpose(-1, -2), qs.view(B, H, n, b, dh))  # [B, H, n, 3b, dh]
+        del dsg_, dsw_
+        dk = torch.zeros_like(kb)  # [B, H, n, b, dh]
+        dv = torch.zeros_like(vb)
+        _scatter_window(dkw, pat, dk)
+        _scatter_window(dvw, pat, dv)
+        dk[:, :, 0] += dkg[:, :, s:]
+        dv[:, :, 0] += dvg[:, :, s:]
+        # Slopes: score = ... - D and D = alpha F + beta L + gamma R, so dslopes = -sum(dS * pattern).
+        dsl = -(dsg[..., s:].sum(0).reshape(H, l * b) @ pat["p0"].T)  # [H, 3]
+        gw = _window_bias_grad(dsw, pat)  # [H, U, b, 3b]
+        dsl -= gw.reshape(H, -1) @ pat["pw"].T
+        # Query 0 used the q0 pattern, not its shift-table row (see _scores).
+        d00 = dsw[:, :, 0, 0].sum(0)  # [H, 3b]
+        dsl -= d00 @ (pat["q0"] - pat["pw"].view(3, pat["num_shifts"], b, 3 * b)[:, pat["block0_shift"], 0]).T
+        dkp = dvp = None
+        if s:
+            dp_sum = -dsg[..., :s].sum((0, 2, 3)) * b / 2  # [H] d/d(Dp) * dDp/dbeta
+            dsl[:, 1] += dp_sum
+            dsl[:, 2] += dp_sum
+            dkp, dvp = dkg[:, :, :s], dvg[:, :, :s]
+        dsl = dsl.to(alpha.dtype)
+        return (dq, dk.view(B, H, l, dh), dv.view(B, H, l, dh), dkp, dvp,
+                dsl[:, 0], dsl[:, 1], dsl[:, 2], None, None, None)
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kp: torch.Tensor | None,
+    vp: torch.Tensor | None,
+    slopes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    layout: BlockLayout,
+    *,
+    first_token: str = "constant",
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    alpha, beta, gamma = slopes
+    p = dropout_p if training else 0.0
+    return _BlockedAttention.apply(q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, p)
