@@ -37,16 +37,19 @@ PRESETS: dict[str, dict] = {
         vocab_size=4000, teacher_steps=600, teacher_length=128, distill_steps=300, distill_length=128,
         further_steps=200, further_length=512, qa_steps=900, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15",
         eval_lengths=(512, 2048, 4096), batch_size=16, lr=1e-3, questions_per_document="96,24,24",
+        validation_fraction=0.05,
     ),
     "small": dict(
         vocab_size=8000, teacher_steps=3000, teacher_length=256, distill_steps=2000, distill_length=256,
         further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2",
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=5e-4, questions_per_document="256,64,64",
+        validation_fraction=0.05,
     ),
     "base": dict(
         vocab_size=32000, teacher_steps=100000, teacher_length=512, distill_steps=50000, distill_length=512,
         further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="",
         eval_lengths=(512, 2048, 4096, 8192, 16384), batch_size=32, lr=1e-4, questions_per_document="256,100,100",
+        validation_fraction=0.02,
     ),
 }
 
@@ -111,7 +114,11 @@ class Pipeline:
             )
 
     def _finish(self, stage: str, info: dict) -> None:
+        self.dir(stage).mkdir(parents=True, exist_ok=True)
         _atomic_json(self.dir(stage) / "DONE.json", {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
+
+    def _pretrain_data(self) -> list[str]:
+        return ["--corpus", self.o.corpus, "--validation-fraction", str(self.s["validation_fraction"])]
 
     def _train_common(self, out: Path, steps: int) -> list[str]:
         s = self.s
@@ -133,7 +140,7 @@ class Pipeline:
 
     def stage_teacher(self) -> dict:
         s = self.s
-        self._run("teacher", ["pretrain", "--model", "bert", "--preset", self.o.preset, "--corpus", self.o.corpus,
+        self._run("teacher", ["pretrain", "--model", "bert", "--preset", self.o.preset, *self._pretrain_data(),
                               "--tokenizer", str(self.tokenizer_dir()), "--max-length", str(s["teacher_length"])]
                   + self._train_common(self.dir("teacher"), s["teacher_steps"]), train=True)
         return {"teacher": str(self.teacher_dir())}
@@ -141,7 +148,7 @@ class Pipeline:
     def stage_distill(self) -> dict:
         s = self.s
         self._run("distill", ["distill", "--teacher", str(self.teacher_dir()), "--tokenizer", str(self.tokenizer_dir()),
-                              "--corpus", self.o.corpus, "--max-length", str(s["distill_length"]),
+                              *self._pretrain_data(), "--max-length", str(s["distill_length"]),
                               "--block-size", str(32 if self.o.preset == "tiny" else 64),
                               "--pack-size", str(16 if self.o.preset == "tiny" else 64)]
                   + self._train_common(self.dir("distill"), s["distill_steps"]), train=True)
@@ -150,7 +157,7 @@ class Pipeline:
     def stage_further(self) -> dict:
         s = self.s
         self._run("further", ["pretrain", "--model", "littlebird", "--init-from", str(self.dir("distill") / "final"),
-                              "--corpus", self.o.corpus, "--tokenizer", str(self.tokenizer_dir()),
+                              *self._pretrain_data(), "--tokenizer", str(self.tokenizer_dir()),
                               "--max-length", str(s["further_length"]), "--padding-insertion", "0.5",
                               "--pi-max-length", str(4 * s["further_length"])]
                   + self._train_common(self.dir("further"), s["further_steps"]), train=True)

@@ -1,0 +1,56 @@
+"""The main job end to end on a few short books with tiny step counts, and its resume rule."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from littlebird_ds.data.corpus import load_corpus
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+TINY = ["vocab_size=700", "teacher_steps=4", "teacher_length=128", "distill_steps=4", "distill_length=128",
+        "further_steps=4", "further_length=256", "qa_steps=4", "qa_length=256", "qa_curriculum=128:0.5,256:0.5",
+        "eval_lengths=256,512", "batch_size=4", "questions_per_document=6,3,3",
+        "validation_fraction=0.25"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline-corpus")
+    for d in load_corpus("chichewa-bible")[50:62]:  # twelve mid-length epistles
+        (root / f"{d.id.replace('/', '_')}.txt").write_text(d.text, encoding="utf-8")
+    return root
+
+
+def _pipeline(out, corpus):
+    cmd = [sys.executable, "-m", "littlebird_ds.cli", "pipeline", "--out", str(out), "--corpus", str(corpus)]
+    for s in TINY:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1500)
+
+
+def test_pipeline_runs_every_stage_writes_a_report_and_resumes(corpus, tmp_path):
+    out = tmp_path / "run"
+    res = _pipeline(out, corpus)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    for stage in ("tokenizer", "teacher", "distill", "further", "qa-data", "qa", "evaluate", "report"):
+        assert (out / stage / "DONE.json").exists(), stage
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["qa_f1_by_length"]) == {"pretrained_pi", "pretrained_no_pi", "random_pi"}
+    assert set(report["qa_f1_by_length"]["pretrained_pi"]) == {"256", "512"} or set(report["qa_f1_by_length"]["pretrained_pi"]) == {256, 512}
+    assert {"padding_insertion", "distillation", "pretraining_pays"} <= set(report["checks"])
+    md = (out / "report.md").read_text()
+    assert "QA F1 / EM by context length" in md and (out / "report_qa_f1.png").exists() and (out / "report_losses.png").exists()
+    # A finished stage is not redone: rerunning only re-checks and finishes at once.
+    before = (out / "teacher" / "DONE.json").read_text()
+    res = _pipeline(out, corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "teacher" / "DONE.json").read_text() == before
+
+
+def test_unknown_setting_is_a_clear_error(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", "pipeline", "--out", str(tmp_path), "--set", "warp=9"],
+                         capture_output=True, text=True, env=ENV)
+    assert res.returncode != 0 and "expected KEY=VALUE with KEY one of" in res.stderr
