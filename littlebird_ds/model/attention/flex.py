@@ -5,8 +5,8 @@ Key sequence: the packed keys (zero-padded to whole blocks, ``sp = ceil(s / b) b
 in front of the tokens, so kv position ``j`` is packed key ``j`` for ``j < sp`` and token
 ``j - sp`` otherwise. The block mask is built directly from block indices (never by
 evaluating the mask over ``l x l``): query block ``i`` visits the packed blocks, token block 0
-and its window blocks ``w_i .. w_i + 2``; ``mask_mod`` then masks pad keys and the zero
-padding of the packed part. Lengths are bucketed (four buckets per octave, whole blocks) and
+and its window blocks ``w_i .. w_i + 2``; ``mask_mod`` states the same pattern per position
+and masks pad keys and the zero padding of the packed part. Lengths are bucketed (four buckets per octave, whole blocks) and
 the extra queries/keys masked, so a new length usually reuses a compiled kernel; block masks
 are cached per (bucket, layout).
 
@@ -81,9 +81,13 @@ def _block_mask(layout: BlockLayout, s: int, lb: int, device: torch.device):
     sp = sb * b
 
     def mask_mod(bi, h, q_idx, kv_idx):
-        is_packed = kv_idx < s
+        # The whole pattern, not only pad keys: the block indices above say which blocks to
+        # visit, and this says which positions inside them count (and is the whole truth for
+        # FlexAttention's uncompiled reference path, which ignores block sparsity).
         tok_idx = (kv_idx - sp).clamp(min=0)
-        return is_packed | ((kv_idx >= sp) & key_mask[bi, tok_idx])
+        kblock, w = tok_idx // b, ws[bi, q_idx // b]
+        in_pattern = (kblock == 0) | ((kblock >= w) & (kblock < w + 3))
+        return (kv_idx < s) | ((kv_idx >= sp) & key_mask[bi, tok_idx] & in_pattern)
 
     mask = BlockMask.from_kv_blocks(kv_num, kv_indices, BLOCK_SIZE=b, mask_mod=mask_mod, seq_lengths=(lb, sp + lb))
     _MASK_CACHE[key] = mask
