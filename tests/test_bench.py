@@ -70,6 +70,11 @@ def test_rounds_skips_summary_table_and_plot(monkeypatch, tmp_path):
     assert "0.25x" in md and "skipped" in md and "littlebird-ds bench --test" in md
     assert json.loads(paths["json"].read_text())["summary"]["matmul_flops_per_s"] == 1e11
     assert paths["png"].stat().st_size > 1000
+    # Re-reporting the saved runs (alone or merged with another run) measures nothing.
+    from littlebird_ds.cli import main
+
+    assert main(["bench", "--report-only", str(paths["json"]), "--out", str(tmp_path / "again")]) == 0
+    assert "0.25x" in (tmp_path / "again" / "bench.md").read_text()
 
 
 def test_loglog_slope():

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke run: lengths 512,1024, one round, one step (overrides --lengths/--rounds/--steps)")
     parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--report-only", nargs="+", metavar="BENCH_JSON",
+                        help="measure nothing: summarise the runs of one or more earlier bench.json files together "
+                             "(e.g. a long-length run added to a shorter one) into --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
                        threads=args.threads, max_step_s=args.max_step_s, max_memory_gb=args.max_memory_gb)
     command = "littlebird-ds bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     out = Path(args.out)
+    if args.report_only:
+        return _report_only(args.report_only, out, command)
 
     def checkpoint(results):  # partial results survive an interrupted run
         report.write(report.summarise(results, plan), results, out, command)
@@ -78,4 +83,28 @@ def run(args: argparse.Namespace) -> int:
     paths = report.write(summary, results, out, command)
     print(report.markdown(summary, command))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _report_only(paths: list[str], out: Path, command: str | None) -> int:
+    """Summarise earlier runs together: systems and lengths are the union, the rest from the first."""
+    import json
+
+    from littlebird_ds.bench import report, runner
+
+    loaded = [json.loads(Path(p).read_text()) for p in paths]
+    first = dict(loaded[0]["summary"]["plan"])
+    systems, lengths, results = [], set(), []
+    for d in loaded:
+        systems += [s for s in d["summary"]["plan"]["systems"] if s not in systems]
+        lengths |= set(d["summary"]["plan"]["lengths"])
+        results += d["runs"]
+    first.update(systems=systems, lengths=sorted(lengths))
+    plan = runner.Plan(**first)
+    commands = [d.get("command") for d in loaded if d.get("command")]
+    summary = report.summarise(results, plan)
+    note = " ; ".join(commands + ([command] if command else []))
+    paths_out = report.write(summary, results, out, note)
+    print(report.markdown(summary, note))
+    print("wrote " + ", ".join(str(p) for p in paths_out.values()))
     return 0
