@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "info": "littlebird_ds.commands.info",
     "demo": "littlebird_ds.commands.demo",
     "train-tokenizer": "littlebird_ds.commands.train_tokenizer",
+    "pretrain": "littlebird_ds.commands.pretrain",
     "bench": "littlebird_ds.commands.bench",
     "make-qa": "littlebird_ds.commands.make_qa",
     "export": "littlebird_ds.commands.export",

@@ -1,0 +1,441 @@
+"""Pretraining with the span-masking objective: a LittleBird, or a short-input BERT teacher.
+
+The data path, in order:
+
+1. ``load_corpus`` (any source it accepts), split by document with ``split_corpus``;
+2. the tokenizer (``AutoTokenizer.from_pretrained(DIR)``, a fast tokenizer) turns each
+   document into token ids in batched calls, with a progress bar;
+3. each document is cut into windows of ``max_length - 2`` tokens, each example
+   ``[CLS] window [SEP]``. A window never spans two documents and documents are never
+   packed together (a short document, or the model would attend across documents, gives
+   one short example that the collator pads). The last window of a long document is
+   aligned to the document's end, overlapping its predecessor, so that every example of a
+   long document is full length;
+4. ``SpanMaskingCollator`` masks spans (SpanBERT); optionally ``insert_padding_batch``
+   spreads pads inside the examples (Padding Insertion, LittleBird further pretraining);
+5. the shared training engine (``littlebird_ds.train.engine.Trainer``) trains with
+   the masked-LM loss.
+
+Evaluation uses a fixed masked validation set: the validation split's windows (evenly
+chosen when there are more than ``--eval-examples``), masked once with a seeded generator,
+so every evaluation of every run with the same data and seed sees the same masks. It
+reports the mean cross-entropy over masked tokens (``eval_loss``) and the share of masked
+tokens predicted exactly (``eval_accuracy``), logged by the engine to ``metrics.jsonl`` and
+TensorBoard every ``--eval-every`` steps and at the end. A fresh run (not ``--resume``) also
+evaluates the initial model and writes that as the step-0 record of ``metrics.jsonl``.
+
+Not wired in: the span boundary objective (the model has no SBO head yet) and recurring
+span selection as a second objective; the collator already returns the SBO fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .presets import MODEL_KINDS, PRESETS, build_config, build_model, max_positions
+
+IGNORE_INDEX = -100
+#: Keys of a collated batch the model takes; the collator's SBO fields are dropped.
+MODEL_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``pretrain``'s own flags and the shared engine flags; returns ``parser``."""
+    from .engine import add_training_arguments
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", choices=MODEL_KINDS, default=None,
+                   help="littlebird (default) or bert (the 512-position teacher, HF BertForMaskedLM)")
+    g.add_argument("--preset", default="base", metavar="NAME|FILE",
+                   help=f"preset ({', '.join(PRESETS['littlebird'])}) or a JSON/YAML file of config fields "
+                        "(default base)")
+    g.add_argument("--init-from", metavar="DIR", default=None,
+                   help="continue from a saved model (save_pretrained directory, e.g. a previous OUT/final); "
+                        "its kind and config win over --model/--preset")
+    d = parser.add_argument_group("data")
+    d.add_argument("--corpus", required=True, help="corpus path or built-in name (e.g. chichewa-bible)")
+    d.add_argument("--text-field", default="text", help="JSON/dataset field holding the text")
+    d.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory (littlebird-ds train-tokenizer OUTPUT); default: --init-from DIR")
+    d.add_argument("--max-length", type=int, default=512,
+                   help="tokens per example, [CLS] and [SEP] included (BERT teacher: at most 512)")
+    d.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="share of documents held out for evaluation (0: no evaluation)")
+    d.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split by document")
+    d.add_argument("--eval-examples", type=int, default=256,
+                   help="at most this many validation windows, evenly chosen (default 256)")
+    d.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the initial model of a fresh run as step 0 (default on)")
+    d.add_argument("--mask-rate", type=float, default=0.15, help="share of tokens in masked spans")
+    d.add_argument("--padding-insertion", type=float, default=0.0, metavar="P",
+                   help="LittleBird only: probability per example of Padding Insertion (default 0: off)")
+    d.add_argument("--pi-max-length", type=int, default=None, metavar="N",
+                   help="length examples are padded out to by Padding Insertion (a multiple of the block size)")
+    d.add_argument("--tokenize-batch-size", type=int, default=16, help="documents per tokenizer call")
+    add_training_arguments(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """Rank 0 of a launched job, or no launcher at all (before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def tokenize_documents(texts: Sequence[str], tokenizer, batch_size: int = 16,
+                       show_progress: bool = True) -> list[np.ndarray]:
+    """Token ids (``int32``, no special tokens) of each text, in batched fast-tokenizer calls."""
+    from tqdm.auto import tqdm
+
+    out: list[np.ndarray] = []
+    bar = tqdm(total=len(texts), desc="tokenize", unit="doc", disable=not show_progress, file=sys.stderr)
+    for i in range(0, len(texts), max(1, batch_size)):
+        chunk = list(texts[i:i + batch_size])
+        # verbose=False: documents are longer than model_max_length on purpose; windows cut them.
+        enc = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False, verbose=False)
+        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def window_spans(doc_lengths: Iterable[int], max_length: int) -> list[tuple[int, int, int]]:
+    """``(document, start, end)`` token ranges of the examples cut from documents.
+
+    Each range holds at most ``max_length - 2`` tokens (room for ``[CLS]`` and ``[SEP]``)
+    of one document. Windows follow each other without overlap, except the last window of
+    a document longer than one window, which ends at the document's end (overlapping its
+    predecessor) so it is full length. Empty documents give no window.
+    """
+    if max_length < 3:
+        raise ValueError(f"max_length must be at least 3 ([CLS], one token, [SEP]), got {max_length}")
+    width = max_length - 2
+    spans: list[tuple[int, int, int]] = []
+    for d, n in enumerate(doc_lengths):
+        n = int(n)
+        if n == 0:
+            continue
+        if n <= width:
+            spans.append((d, 0, n))
+            continue
+        starts = list(range(0, n - width + 1, width))
+        if starts[-1] + width < n:
+            starts.append(n - width)
+        spans.extend((d, s, s + width) for s in starts)
+    return spans
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Map-style dataset of ``[CLS] window [SEP]`` examples (lists of ids) over tokenised
+    documents; windows from :func:`window_spans`. Holds the documents' ids once, no copies."""
+
+    def __init__(self, docs: Sequence[np.ndarray], max_length: int, cls_token_id: int, sep_token_id: int):
+        self.docs = list(docs)
+        self.max_length = max_length
+        self.cls_token_id = int(cls_token_id)
+        self.sep_token_id = int(sep_token_id)
+        self.spans = window_spans((len(d) for d in self.docs), max_length)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> list[int]:
+        d, s, e = self.spans[i]
+        return [self.cls_token_id, *self.docs[d][s:e].tolist(), self.sep_token_id]
+
+
+def _model_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def make_train_collate(tokenizer, *, mask_rate: float = 0.15, pad_to_multiple_of: int | None = None,
+                       padding_insertion: float = 0.0, pi_max_length: int | None = None) -> Callable:
+    """The training collate function: span masking, then (optionally) Padding Insertion.
+
+    Randomness comes from torch's global RNG (``generator=None``), whose state the engine
+    checkpoints, so a resumed run draws the same masks as an uninterrupted one.
+    """
+    from ..data.padding_insertion import insert_padding_batch
+    from ..data.span_masking import SpanMaskingCollator
+
+    collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate,
+                                                  pad_to_multiple_of=pad_to_multiple_of, generator=None)
+
+    def collate(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        batch = collator(examples)
+        if padding_insertion > 0:
+            batch = insert_padding_batch(batch, max_length=int(pi_max_length), probability=padding_insertion,
+                                         pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                                         generator=None)
+        return _model_batch(batch)
+
+    return collate
+
+
+def fixed_eval_batches(dataset: WindowDataset, tokenizer, *, batch_size: int, max_examples: int, seed: int,
+                       mask_rate: float = 0.15, pad_to_multiple_of: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """A deterministic masked validation set: up to ``max_examples`` windows, evenly spaced
+    over ``dataset``, masked with a generator seeded ``seed``; CPU tensors in batches."""
+    from ..data.span_masking import SpanMaskingCollator
+
+    n = len(dataset)
+    if n == 0:
+        return []
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_examples)).round().astype(int)).tolist()
+    collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate, pad_to_multiple_of=pad_to_multiple_of,
+                                                  generator=np.random.default_rng(seed))
+    return [_model_batch(collator([dataset[i] for i in idx[j:j + batch_size]]))
+            for j in range(0, len(idx), batch_size)]
+
+
+def _device_of(model) -> torch.device:
+    device = getattr(model, "device", None)  # the DeepSpeed engine has one
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_mlm(model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Masked-token ``loss`` (mean cross-entropy over all masked tokens of all batches),
+    ``accuracy`` (share predicted exactly) and ``masked_tokens``. The caller sets eval mode."""
+    device = _device_of(model)
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits  # [B, L, V]
+        sel = labels != IGNORE_INDEX
+        picked = logits[sel].float()  # [M, V]
+        target = labels[sel]
+        loss_sum += float(torch.nn.functional.cross_entropy(picked, target, reduction="sum"))
+        correct += int((picked.argmax(-1) == target).sum())
+        count += int(sel.sum())
+    if count == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "masked_tokens": 0.0}
+    return {"loss": loss_sum / count, "accuracy": correct / count, "masked_tokens": float(count)}
+
+
+def mlm_loss_fn(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The engine's ``loss_fn``: masked-LM loss, plus masked tokens and train masked accuracy."""
+    out = model(**batch)
+    labels = batch["labels"]
+    sel = labels != IGNORE_INDEX
+    with torch.no_grad():
+        acc = (out.logits[sel].argmax(-1) == labels[sel]).float().mean() if bool(sel.any()) else torch.tensor(0.0)
+    return out.loss, {"masked_tokens": int(sel.sum()), "masked_accuracy": float(acc)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up (every check happens here, before any process group or model exists)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PretrainSetup:
+    """Everything ``run_pretraining`` hands the engine; built by :func:`prepare_pretraining`."""
+
+    kind: str
+    config: Any
+    tokenizer: Any
+    train_dataset: WindowDataset
+    eval_batches: list[dict[str, torch.Tensor]]
+    collate_fn: Callable
+    model_factory: Callable[[], torch.nn.Module]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    """A fast tokenizer from a local directory, checked for the tokens span masking needs."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {p} does not exist; train one with "
+            f"`littlebird-ds train-tokenizer --corpus CORPUS --output {p}` or pass --tokenizer DIR"
+        )
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"{p} holds no tokenizer (no tokenizer.json or tokenizer_config.json); pass the OUTPUT directory "
+            "of `littlebird-ds train-tokenizer`, or a model directory saved with its tokenizer"
+        )
+    tok = AutoTokenizer.from_pretrained(str(p))
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer {p} is not a fast tokenizer; re-save it with `littlebird-ds train-tokenizer`")
+    missing = [name for name in ("pad_token", "cls_token", "sep_token", "mask_token") if getattr(tok, name) is None]
+    if missing:
+        raise ValueError(f"tokenizer {p} has no {', '.join(missing)}; span masking needs [PAD], [CLS], [SEP] "
+                         "and [MASK] (`littlebird-ds train-tokenizer` adds them)")
+    return tok
+
+
+def _resolve_model(args) -> tuple[str, Any]:
+    """``(kind, config)`` from ``--init-from`` or ``--model``/``--preset`` (config not yet sized to the tokenizer
+    when built from a preset: ``None`` then)."""
+    if args.init_from is None:
+        return args.model or "littlebird", None
+    from transformers import AutoConfig
+
+    import littlebird_ds  # noqa: F401 - registers LittleBird with AutoConfig
+
+    p = Path(args.init_from)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {p}: no config.json there; pass a directory written by "
+                                "save_pretrained (e.g. a previous run's OUT/final)")
+    config = AutoConfig.from_pretrained(str(p))
+    kind = "littlebird" if config.model_type == "littlebird" else "bert" if config.model_type == "bert" else None
+    if kind is None:
+        raise ValueError(f"--init-from {p} holds a {config.model_type!r} model; pretrain continues LittleBird or "
+                         "BERT models only")
+    if args.model is not None and args.model != kind:
+        raise ValueError(f"--model {args.model} contradicts --init-from {p}, which holds a {kind} model; drop --model")
+    return kind, config
+
+
+def prepare_pretraining(args) -> PretrainSetup:
+    """Check the arguments, load and tokenise the corpus, build the datasets and the model factory.
+
+    Raises ``FileNotFoundError``/``ValueError`` with the problem and the fix: a missing
+    tokenizer, an empty corpus, ``--max-length`` beyond a BERT teacher's positions,
+    Padding Insertion settings that do not fit, a model larger than the tokenizer allows.
+    """
+    from ..data.corpus import load_corpus, split_corpus
+
+    kind, config = _resolve_model(args)
+    tok_dir = args.tokenizer or args.init_from
+    if tok_dir is None:
+        raise ValueError("no tokenizer: pass --tokenizer DIR (the OUTPUT of `littlebird-ds train-tokenizer`)")
+    tokenizer = load_tokenizer(tok_dir)
+    if config is None:
+        config = build_config(kind, args.preset, len(tokenizer), tokenizer.pad_token_id)
+    elif config.vocab_size < len(tokenizer):
+        raise ValueError(f"--init-from {args.init_from} has a vocabulary of {config.vocab_size} but tokenizer "
+                         f"{tok_dir} has {len(tokenizer)} tokens; pass the tokenizer the model was trained with")
+
+    max_len = int(args.max_length)
+    limit = max_positions(config)
+    if limit is not None and max_len > limit:
+        raise ValueError(f"--max-length {max_len} exceeds the BERT teacher's {limit} positions; use --max-length "
+                         f"{limit} or less (the teacher reads short inputs; LittleBird reads long ones)")
+    if max_len < 8:
+        raise ValueError(f"--max-length {max_len} is too short; use at least 8 tokens")
+    block = getattr(config, "block_size", None) if kind == "littlebird" else None
+    pi, pi_max = float(args.padding_insertion), args.pi_max_length
+    if not 0.0 <= pi <= 1.0:
+        raise ValueError(f"--padding-insertion is a probability in [0, 1], got {pi}")
+    if pi > 0:
+        if kind != "littlebird":
+            raise ValueError("--padding-insertion needs --model littlebird: inserted pads keep their positions, "
+                             "which only LittleBird's position bias handles beyond 512 tokens")
+        if pi_max is None or pi_max < max_len:
+            raise ValueError(f"--padding-insertion needs --pi-max-length N >= --max-length {max_len} (e.g. 4 x)")
+        if pi_max % block:
+            raise ValueError(f"--pi-max-length {pi_max} is not a multiple of the block size {block}; "
+                             f"use {-(-pi_max // block) * block}")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise ValueError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+
+    main = is_main_process()
+    t0 = time.perf_counter()
+    docs = load_corpus(args.corpus, text_field=args.text_field)
+    train_docs, val_docs = split_corpus(docs, args.validation_fraction, seed=args.split_seed)
+    train_ids = tokenize_documents([d.text for d in train_docs], tokenizer, args.tokenize_batch_size, main)
+    val_ids = tokenize_documents([d.text for d in val_docs], tokenizer, args.tokenize_batch_size, main)
+    train_set = WindowDataset(train_ids, max_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    val_set = WindowDataset(val_ids, max_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    if len(train_set) == 0:
+        raise ValueError(f"corpus {args.corpus!r} gave no training tokens after the split; pass a larger corpus "
+                         "or a smaller --validation-fraction")
+    batch = int(args.batch_size or 8)
+    eval_batches = fixed_eval_batches(val_set, tokenizer, batch_size=batch, max_examples=args.eval_examples,
+                                      seed=args.seed, mask_rate=args.mask_rate, pad_to_multiple_of=block)
+    collate = make_train_collate(tokenizer, mask_rate=args.mask_rate, pad_to_multiple_of=block,
+                                 padding_insertion=pi, pi_max_length=pi_max)
+    stats = {
+        "documents": {"train": len(train_docs), "validation": len(val_docs)},
+        "tokens": {"train": int(sum(len(x) for x in train_ids)), "validation": int(sum(len(x) for x in val_ids))},
+        "examples": {"train": len(train_set), "validation": len(val_set),
+                     "eval": int(sum(len(b["input_ids"]) for b in eval_batches))},
+        "data_seconds": round(time.perf_counter() - t0, 2),
+    }
+    if main:
+        print(f"pretrain: {kind} | documents {stats['documents']} | tokens {stats['tokens']} | "
+              f"examples of {max_len} tokens {stats['examples']} | data ready in {stats['data_seconds']} s",
+              file=sys.stderr, flush=True)
+
+    init_from = args.init_from
+
+    def model_factory() -> torch.nn.Module:
+        if init_from is not None:
+            from transformers import AutoModelForMaskedLM
+
+            import littlebird_ds  # noqa: F401 - registers LittleBird with the Auto classes
+
+            return AutoModelForMaskedLM.from_pretrained(init_from)
+        return build_model(kind, args.preset, len(tokenizer), tokenizer.pad_token_id, head="mlm")
+
+    return PretrainSetup(kind=kind, config=config, tokenizer=tokenizer, train_dataset=train_set,
+                         eval_batches=eval_batches, collate_fn=collate, model_factory=model_factory, stats=stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+def run_pretraining(args, setup: PretrainSetup | None = None):
+    """Pretrain as the parsed ``args`` say; returns the engine's ``TrainResult``.
+
+    ``OUT/final`` then holds the model (``save_pretrained``) and the tokenizer;
+    ``OUT/metrics.jsonl`` the training records and the ``eval_loss``/``eval_accuracy``
+    records. Call ``finish_worker()`` afterwards in a launched script (the CLI does).
+    """
+    from .engine import Trainer
+
+    setup = setup or prepare_pretraining(args)
+    out = Path(args.out)
+    eval_batches = setup.eval_batches
+    eval_fn = (lambda model, step: evaluate_mlm(model, eval_batches)) if eval_batches else None
+    state = {"first": True}
+
+    def loss_fn(model, batch):
+        if state["first"]:
+            state["first"] = False
+            if eval_fn is not None and args.eval_at_start and int(getattr(model, "global_steps", 0)) == 0:
+                _log_initial_eval(model, eval_fn, out)
+        return mlm_loss_fn(model, batch)
+
+    trainer = Trainer(args, model_factory=setup.model_factory, loss_fn=loss_fn, train_dataset=setup.train_dataset,
+                      collate_fn=setup.collate_fn, eval_fn=eval_fn, tokenizer=setup.tokenizer)
+    return trainer.fit()
+
+
+def _log_initial_eval(model, eval_fn: Callable, out: Path) -> None:
+    """Evaluate the initial model (every rank, as ZeRO-3 needs) and append it to
+    ``metrics.jsonl`` as step 0. Runs before the engine writes its first record, and the
+    engine's log is opened in append mode, so the record lands first in the file."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = eval_fn(model, 0)
+    model.train(was_training)
+    if is_main_process():
+        record = {"step": 0, **{f"eval_{k}": float(v) for k, v in metrics.items()}}
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"pretrain: initial validation masked-token loss {metrics['loss']:.4f}, "
+              f"accuracy {metrics['accuracy']:.4f}", file=sys.stderr, flush=True)
