@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "pretrain": "littlebird_ds.commands.pretrain",
     "bench": "littlebird_ds.commands.bench",
     "make-qa": "littlebird_ds.commands.make_qa",
+    "finetune-qa": "littlebird_ds.commands.finetune_qa",
+    "evaluate-qa": "littlebird_ds.commands.evaluate_qa",
+    "predict": "littlebird_ds.commands.predict",
     "export": "littlebird_ds.commands.export",
 }
 
