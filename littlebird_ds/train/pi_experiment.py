@@ -111,24 +111,34 @@ def run_pi_experiment(
         log.flush()
         procs[variant] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
 
-    def wait(variant: str) -> None:
-        proc, t0, log = procs[variant]
-        rc = proc.wait()
-        train_seconds[variant] = time.time() - t0
-        log.close()
-        if rc != 0:
-            tail = (out / f"{variant}.log").read_text()[-3000:]
-            raise RuntimeError(f"finetune-qa ({variant}) failed with exit code {rc}; log tail:\n{tail}")
+    def wait(variants: Sequence[str]) -> None:
+        # Poll so that each run's wall time ends when it ends, not when the other one does.
+        pending = list(variants)
+        while pending:
+            for v in list(pending):
+                proc, t0, log = procs[v]
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                train_seconds[v] = time.time() - t0
+                log.close()
+                pending.remove(v)
+                if rc != 0:
+                    for other in pending:
+                        procs[other][0].kill()
+                    tail = (out / f"{v}.log").read_text()[-3000:]
+                    raise RuntimeError(f"finetune-qa ({v}) failed with exit code {rc}; log tail:\n{tail}")
+            if pending:
+                time.sleep(1.0)
 
     if parallel:
         for v in VARIANTS:
             start(v)
-        for v in VARIANTS:
-            wait(v)
+        wait(VARIANTS)
     else:
         for v in VARIANTS:
             start(v)
-            wait(v)
+            wait([v])
 
     results: dict[str, Any] = {"settings": {
         "tokenizer": os.fspath(tokenizer), "qa_dir": str(qa), "model_init": model_init, "lengths": list(lengths),
