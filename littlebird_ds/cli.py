@@ -19,11 +19,13 @@ COMMANDS: dict[str, str] = {
     "train-tokenizer": "littlebird_ds.commands.train_tokenizer",
     "pretrain": "littlebird_ds.commands.pretrain",
     "bench": "littlebird_ds.commands.bench",
+    "export": "littlebird_ds.commands.export",
     "make-qa": "littlebird_ds.commands.make_qa",
+    "distill": "littlebird_ds.commands.distill",
+    "pipeline": "littlebird_ds.commands.pipeline",
     "finetune-qa": "littlebird_ds.commands.finetune_qa",
     "evaluate-qa": "littlebird_ds.commands.evaluate_qa",
     "predict": "littlebird_ds.commands.predict",
-    "export": "littlebird_ds.commands.export",
 }
 
 

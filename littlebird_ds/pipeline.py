@@ -84,6 +84,9 @@ class Pipeline:
     def __init__(self, opts: PipelineOptions, echo: Callable[[str], None] = print):
         self.o = opts
         self.s = opts.settings()
+        from .train.presets import LITTLEBIRD_PRESETS
+
+        self.arch = LITTLEBIRD_PRESETS[opts.preset]  # the student's block and pack sizes
         self.out = Path(opts.out)
         self.echo = echo
         self.cli = [sys.executable, "-m", "littlebird_ds.cli"]
@@ -149,8 +152,7 @@ class Pipeline:
         s = self.s
         self._run("distill", ["distill", "--teacher", str(self.teacher_dir()), "--tokenizer", str(self.tokenizer_dir()),
                               *self._pretrain_data(), "--max-length", str(s["distill_length"]),
-                              "--block-size", str(32 if self.o.preset == "tiny" else 64),
-                              "--pack-size", str(16 if self.o.preset == "tiny" else 64)]
+                              "--block-size", str(self.arch["block_size"]), "--pack-size", str(self.arch["pack_size"])]
                   + self._train_common(self.dir("distill"), s["distill_steps"]), train=True)
         return {"student": str(self.dir("distill") / "final")}
 
@@ -169,7 +171,7 @@ class Pipeline:
         self._run("qa-data", ["make-qa", "--corpus", self.o.corpus, "--tokenizer", str(self.tokenizer_dir()),
                               "--output", str(self.dir("qa-data")), "--lengths", lengths,
                               "--train-lengths", str(s["qa_length"]), "--questions-per-document", s["questions_per_document"],
-                              "--block-size", str(32 if self.o.preset == "tiny" else 64), "--seed", str(self.o.seed)])
+                              "--block-size", str(self.arch["block_size"]), "--seed", str(self.o.seed)])
         return {"data": str(self.dir("qa-data"))}
 
     def qa_runs(self) -> dict[str, list[str]]:
