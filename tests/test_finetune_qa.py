@@ -94,7 +94,7 @@ def _finetune_args(argv: list[str]):
 # (a) learning
 # ---------------------------------------------------------------------------------------------
 def test_tiny_model_learns_synthetic_qa(tok):
-    """200 steps (about 80 s on a busy 2-core machine) take F1 from the trivial ~4 to > 15.
+    """200 steps (80-110 s on 2 shared cores) take F1 from the trivial ~4 to > 15.
 
     Measured: F1 26 / EM 26 on 50 held-out questions (seed 0); the trivial baseline (always
     the first context word) scores 4. The loop uses the command's own pieces (features,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from littlebird_ds.data.make_qa import atomic_write_json
-from littlebird_ds.data.qa import load_qa_examples, postprocess_predictions, prepare_features
+from littlebird_ds.data.qa import _fit_question, load_qa_examples, postprocess_predictions, prepare_features
 from littlebird_ds.eval.squad_metrics import evaluate_predictions
 
 __all__ = [
@@ -210,6 +210,12 @@ def evaluate_files(
         if not examples:
             raise ValueError(f"{path} holds no QA examples; pass a SQuAD-format file with questions")
         loaded.append((os.fspath(path), examples[:max_examples] if max_examples else examples))
+    # Question budgets too, before any inference: a bad last file should not cost a model pass.
+    block = int(_unwrap(model).config.block_size)
+    for path, examples in loaded:
+        for e in examples:
+            _fit_question(e["question"].strip(), str(e["id"]), tokenizer, block - 2,
+                          bool(kwargs.get("truncate_question", False)))
     files: dict[str, Any] = {}
     by_length: dict[str, dict[str, float]] = {}
     em_sum = f1_sum = 0.0
