@@ -241,3 +241,15 @@ def test_bialibi_slopes_start_at_alibi_and_stay_non_negative():
     assert (m.slopes()[1] >= 0).all()
     a, b, g = m.slopes(2, 3)  # tensor/sequence-parallel ranks slice by global head id
     torch.testing.assert_close(a, torch.tensor(alibi_slopes(6)[2:5]))
+
+
+def test_masked_logits_only_gives_the_same_loss_and_the_selected_logits():
+    model = lb.LittleBirdForMaskedLM(tiny_config()).eval()
+    ids = _ids(2, 40)
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3, ids, torch.full_like(ids, -100))
+    full = model(ids, labels=labels)
+    sparse = model(ids, labels=labels, masked_logits_only=True)
+    torch.testing.assert_close(sparse.loss, full.loss)
+    torch.testing.assert_close(sparse.logits, full.logits[labels != -100])
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, masked_logits_only=True)

@@ -168,6 +168,15 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
         return out if _return_dict(cfg, return_dict) else out.to_tuple()
 
 
+def masked_logits_kwargs(model) -> dict:
+    """``{"masked_logits_only": True}`` when ``model`` (or the module a DeepSpeed engine wraps)
+    runs the single-process ``LittleBirdForMaskedLM.forward``; ``{}`` otherwise (BERT teachers,
+    tensor/sequence-parallel forwards, which compute their own vocabulary-parallel loss)."""
+    module = getattr(model, "module", model)
+    forward = getattr(module.forward, "__func__", None)
+    return {"masked_logits_only": True} if forward is LittleBirdForMaskedLM.forward else {}
+
+
 def _return_dict(config, return_dict: bool | None) -> bool:
     return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
@@ -214,17 +223,34 @@ class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        masked_logits_only: bool = False,
         **kwargs,
     ):
-        """``labels [B, L]``: token ids at masked positions, -100 elsewhere (ignored)."""
+        """``labels [B, L]``: token ids at masked positions, -100 elsewhere (ignored).
+
+        ``masked_logits_only=True`` (with ``labels``) computes the vocabulary projection only
+        at labelled positions and returns ``logits [M, V]`` in row-major order of
+        ``labels != -100``: the same loss, without the ``[B, L, V]`` tensor that dominates the
+        cost of pretraining small models with large vocabularies.
+        """
         out = self.littlebird(input_ids, attention_mask, token_type_ids, inputs_embeds,
                               output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.lm_head(out.last_hidden_state)  # [B, L, V]
+        hidden = out.last_hidden_state  # [B, L, d]
+        if labels is not None and tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
+        if masked_logits_only:
+            if labels is None:
+                raise ValueError("masked_logits_only=True needs labels (it keeps the positions where labels != -100)")
+            selected = labels != -100
+            logits = self.lm_head(hidden[selected])  # [M, V]
+            targets = labels[selected]
+        else:
+            logits = self.lm_head(hidden)  # [B, L, V]
+            targets = labels
         loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}")
-            loss = nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               ignore_index=-100)
         res = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return res if _return_dict(self.config, return_dict) else res.to_tuple()
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import LittleBirdConfig
 from ..model import LittleBirdForMaskedLM
+from ..model.modeling import masked_logits_kwargs
 
 
 def _encoder_parts(teacher: nn.Module):
@@ -166,7 +167,8 @@ class DistillationLoss(nn.Module):
         masked = labels != -100
         if t_logits is not None and self.kl_weight and masked.any():
             T = self.temperature
-            s_logp = F.log_softmax(student_out.logits[masked].float() / T, dim=-1)
+            s_logits = student_out.logits  # [B, L, V], or [M, V] already at the masked positions
+            s_logp = F.log_softmax((s_logits if s_logits.dim() == 2 else s_logits[masked]).float() / T, dim=-1)
             t_logp = F.log_softmax(t_logits[masked].float() / T, dim=-1)
             kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * T * T
             terms["kl"] = kl
@@ -270,12 +272,14 @@ def distill_step(student, teacher: nn.Module, loss: DistillationLoss, batch: dic
         t_out = teacher(**t_in, output_hidden_states=True)
     pi = "index_map" in batch
     s_in = {k: batch[f"student_{k}" if pi else k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-    s_out = student(**s_in, output_hidden_states=True)
+    # Vocabulary logits only at masked positions: Padding Insertion keeps token order, so the
+    # student's masked tokens come in the same row-major order as the teacher's.
+    s_out = student(**s_in, output_hidden_states=True, **masked_logits_kwargs(student))
     index_map = batch.get("index_map")
 
     class _View:  # the student's outputs at the teacher's positions
         loss = s_out.loss
-        logits = _aligned(s_out.logits, index_map)
+        logits = s_out.logits if s_out.logits.dim() == 2 else _aligned(s_out.logits, index_map)
         hidden_states = tuple(_aligned(h, index_map) for h in s_out.hidden_states)
 
     real = batch["attention_mask"].bool()
@@ -350,7 +354,8 @@ def run_distillation(args):
         for b in eval_batches:
             clean = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])  # the unmasked text
             real = b["attention_mask"].bool()
-            s = model(input_ids=clean, attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states[-1]
+            encoder = getattr(model, "module", model).littlebird  # no vocabulary logits needed here
+            s = encoder(input_ids=clean, attention_mask=b["attention_mask"]).last_hidden_state
             t = teacher(input_ids=clean, attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states[-1]
             cos += hidden_cosine(s, t, real) * int(real.sum())
             n += int(real.sum())

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.modeling import masked_logits_kwargs
 from .presets import MODEL_KINDS, PRESETS, build_config, build_model, max_positions
 
 IGNORE_INDEX = -100
@@ -220,10 +221,13 @@ def evaluate_mlm(model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str,
     loss_sum, correct, count = 0.0, 0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits  # [B, L, V]
+        labels = batch["labels"]
+        kw = masked_logits_kwargs(model)
+        if not kw:
+            batch.pop("labels")
+        logits = model(**batch, **kw).logits  # [B, L, V], or [M, V] with masked_logits_only
         sel = labels != IGNORE_INDEX
-        picked = logits[sel].float()  # [M, V]
+        picked = (logits if kw else logits[sel]).float()  # [M, V]
         target = labels[sel]
         loss_sum += float(torch.nn.functional.cross_entropy(picked, target, reduction="sum"))
         correct += int((picked.argmax(-1) == target).sum())
@@ -235,11 +239,13 @@ def evaluate_mlm(model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str,
 
 def mlm_loss_fn(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """The engine's ``loss_fn``: masked-LM loss, plus masked tokens and train masked accuracy."""
-    out = model(**batch)
+    kw = masked_logits_kwargs(model)
+    out = model(**batch, **kw)
     labels = batch["labels"]
     sel = labels != IGNORE_INDEX
     with torch.no_grad():
-        acc = (out.logits[sel].argmax(-1) == labels[sel]).float().mean() if bool(sel.any()) else torch.tensor(0.0)
+        picked = out.logits if kw else out.logits[sel]  # [M, V]
+        acc = (picked.argmax(-1) == labels[sel]).float().mean() if bool(sel.any()) else torch.tensor(0.0)
     return out.loss, {"masked_tokens": int(sel.sum()), "masked_accuracy": float(acc)}
 
 
