@@ -115,11 +115,17 @@ def _plot_f1(out: Path, runs: dict[str, dict[int, dict]], train_length: int) -> 
     return path
 
 
-def summarize(out: Path, settings: dict) -> dict:
-    """Everything the report states, as one JSON-able dict."""
+def read_curves(out: Path) -> dict[str, list[dict]]:
+    """``metrics.jsonl`` records of every training stage and QA run, by name."""
     curves = {s: read_metrics(out / s / "metrics.jsonl") for s in TRAINING_STAGES}
     for run in QA_RUNS:
         curves[f"qa/{run}"] = read_metrics(out / "qa" / run / "metrics.jsonl")
+    return curves
+
+
+def summarize(out: Path, settings: dict, curves: dict[str, list[dict]] | None = None) -> dict:
+    """Everything the report states, as one JSON-able dict."""
+    curves = read_curves(out) if curves is None else curves
     runs: dict[str, dict[int, dict]] = {}
     for run in QA_RUNS:
         p = out / "evaluate" / f"{run}.json"
@@ -182,10 +188,8 @@ def _md_table(runs: dict[str, dict[int, dict]]) -> str:
 
 def write_report(out: Path, settings: dict, options=None) -> dict[str, Path]:
     out = Path(out)
-    summary = summarize(out, settings)
-    curves = {s: read_metrics(out / s / "metrics.jsonl") for s in TRAINING_STAGES}
-    for run in QA_RUNS:
-        curves[f"qa/{run}"] = read_metrics(out / "qa" / run / "metrics.jsonl")
+    curves = read_curves(out)
+    summary = summarize(out, settings, curves)
     paths: dict[str, Path] = {}
     loss_png = _plot_losses(out, curves)
     f1_png = _plot_f1(out, summary["qa_f1_by_length"], int(settings.get("qa_length", 512)))
