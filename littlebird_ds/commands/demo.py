@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         model.train()
         labels = torch.where(torch.rand(ids.shape) < 0.15, ids, torch.full_like(ids, -100))
         t = time.perf_counter()
-        loss = model(ids, labels=labels).loss
+        loss = model(ids, labels=labels, masked_logits_only=True).loss  # vocabulary logits at masked tokens only
         loss.backward()
         dt = time.perf_counter() - t
         print(f"training step ({select_default_kernel('cpu', True)} kernel): {dt:.2f} s, loss {loss.item():.3f}, "
