@@ -85,7 +85,12 @@ def select_default_kernel(device_type: str, training: bool) -> str:
 
 
 # Fastest first; a kernel missing from the registry or unavailable is passed over.
-_PREFERENCE = ("flex", "blocked", "eager")
+# ``flex`` is opt-in (attention_kernel="flex"), not an ``auto`` choice: once torch.compile's
+# recompile limit is reached in a process (a score_mod per layer and a shape per length
+# bucket count against it), flex_attention silently runs its uncompiled reference path,
+# which builds the full [l, s + l] score matrix: about 19 GB at 32k tokens. ``blocked`` is
+# linear in memory whatever happened before.
+_PREFERENCE = ("blocked", "eager")
 
 from . import flex  # noqa: E402
 from .blocked import blocked_attention  # noqa: E402
