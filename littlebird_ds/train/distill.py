@@ -293,8 +293,6 @@ def run_distillation(args):
     import sys
     import time
 
-    import numpy as np
-
     from ..data.corpus import load_corpus, split_corpus
     from .engine import Trainer
     from .pretrain import WindowDataset, evaluate_mlm, fixed_eval_batches, is_main_process, load_tokenizer, tokenize_documents
@@ -367,7 +365,6 @@ def run_distillation(args):
                                    padding_insertion=pi, pi_max_length=args.pi_max_length)
     trainer = Trainer(args, model_factory=model_factory, loss_fn=loss_fn, train_dataset=train_set, collate_fn=collate,
                       eval_fn=eval_fn if eval_batches else None, tokenizer=tokenizer)
-    np.random.seed(args.seed)
     return trainer.fit()
 
 
