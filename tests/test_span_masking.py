@@ -209,6 +209,39 @@ def test_from_hf_tokenizer_masks_whole_words(tmp_path):
             assert end == len(row) or row[end].startswith("▁") or row[end] in tok.all_special_tokens
 
 
+def test_wordpiece_tokenizer_masks_15_percent_in_whole_words():
+    """A BERT-style WordPiece vocabulary marks continuations ("##"), not word starts: the
+    collator must still mask ~15% of a window in whole words, not the whole window."""
+    from transformers import AutoTokenizer
+
+    from littlebird_ds.train.distill import resolve_teacher_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_teacher_path("minilm"))
+    c = SpanMaskingCollator.from_tokenizer(tok, generator=0)
+    text = ("The unbelievably rainy afternoon kept everyone indoors, reorganising bookshelves and "
+            "rediscovering forgotten correspondence from distant relatives. ") * 20
+    enc = [tok(text, truncation=True, max_length=256) for _ in range(16)]
+    out = c(enc)
+    n_real = out["attention_mask"].sum().item() - 2 * 16  # all but [CLS] and [SEP]
+    rate = (out["labels"] != -100).sum().item() / n_real
+    assert 0.13 <= rate <= 0.17, rate
+    for b in range(16):
+        row = tok.convert_ids_to_tokens(enc[b]["input_ids"])
+        for start, end in masked_runs(out["labels"][b].numpy()[: len(row)]):
+            assert not row[start].startswith("##")
+            assert end == len(row) or not row[end].startswith("##")
+
+
+def test_vocabulary_without_word_markers_is_a_clear_error():
+    from littlebird_ds.data.span_masking import word_start_table
+
+    assert word_start_table(["[PAD]", "▁a", "b"]).tolist() == [False, True, False]
+    assert word_start_table(["[PAD]", "Ġa", "b"]).tolist() == [False, True, False]
+    assert word_start_table(["[PAD]", "a", "##b"]).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="word starts"):
+        word_start_table(["a", "b", "c"])
+
+
 # ----------------------------------------------------------------------------- RSS
 
 

@@ -74,6 +74,20 @@ def _as_rng(generator: np.random.Generator | torch.Generator | int | None) -> np
     return np.random.default_rng(int(generator))
 
 
+def word_start_table(pieces: Sequence[str]) -> np.ndarray:
+    """Bool ``[V]``: piece ``i`` starts a word, by the vocabulary's marker convention
+    (``"▁"`` SentencePiece, ``"Ġ"`` byte-level BPE, else ``"##"`` WordPiece continuations).
+    The convention is the one whose marker the most pieces carry."""
+    counts = {m: sum(p.startswith(m) for p in pieces) for m in ("▁", "Ġ", "##")}
+    marker = max(counts, key=counts.get)
+    if counts[marker] == 0:
+        raise ValueError("cannot tell word starts in this vocabulary: no piece begins with '▁' (SentencePiece), "
+                         "'Ġ' (byte-level BPE) or '##' (WordPiece); build SpanMaskingCollator(word_start=...) yourself")
+    if marker == "##":
+        return np.array([not p.startswith("##") for p in pieces], dtype=bool)
+    return np.array([p.startswith(marker) for p in pieces], dtype=bool)
+
+
 def word_spans(
     input_ids: Sequence[int], word_start: np.ndarray, special: np.ndarray, length: int | None = None
 ) -> list[tuple[int, int]]:
@@ -195,11 +209,15 @@ class SpanMaskingCollator:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, **kwargs: Any) -> SpanMaskingCollator:
-        """Tables from a HF tokenizer: a piece starts a word when it begins with ``"▁"``;
-        its special ids (``all_special_ids``) are never masked."""
+        """Tables from a HF tokenizer; its special ids (``all_special_ids``) are never masked.
+
+        Which pieces start a word follows the tokenizer's own convention, read from its
+        vocabulary: SentencePiece marks word starts with ``"▁"``, byte-level BPE (GPT-2,
+        RoBERTa) with ``"Ġ"``, and WordPiece (BERT, MiniLM) marks continuations with ``"##"``
+        instead, so there every other piece starts a word."""
         vocab_size = len(tokenizer)
-        pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-        word_start = np.array([p.startswith("▁") for p in pieces], dtype=bool)
+        pieces = [p or "" for p in tokenizer.convert_ids_to_tokens(list(range(vocab_size)))]
+        word_start = word_start_table(pieces)
         special = np.zeros(vocab_size, dtype=bool)
         special[list(tokenizer.all_special_ids)] = True
         kwargs.setdefault("mask_token_id", tokenizer.mask_token_id)
