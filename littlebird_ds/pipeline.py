@@ -36,7 +36,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=4000, teacher_steps=600, teacher_length=128, distill_steps=300, distill_length=128,
         further_steps=200, further_length=512, qa_steps=900, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15",
-        eval_lengths=(512, 2048, 4096), batch_size=16, lr=1e-3, questions_per_document="96,24,24",
+        eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=1e-3, questions_per_document="96,24,24",
         validation_fraction=0.05,
     ),
     "small": dict(

@@ -453,3 +453,41 @@ def test_latest_pointer_is_replaced_atomically(tmp_path):
     with pytest.raises(FileNotFoundError, match="names checkpoint 'step_00000009', which does not exist"):
         read_latest(tmp_path)
     shutil.rmtree(tmp_path / "step_00000002")
+
+
+
+_STEP_PEAK = r"""
+import gc, sys, torch
+from littlebird_ds.config import LittleBirdConfig
+from littlebird_ds.model.modeling import LittleBirdForMaskedLM
+from littlebird_ds.parallel import apply_activation_checkpointing
+from littlebird_ds.train.engine import release_freed_memory
+if sys.argv[1] == "release":
+    assert release_freed_memory()
+def mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+torch.manual_seed(0)
+cfg = LittleBirdConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=512, block_size=64, pack_size=16)
+model = apply_activation_checkpointing(LittleBirdForMaskedLM(cfg).train(), "full")
+ids = torch.randint(5, 1000, (1, 8192))
+gc.collect()
+base = mb("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+model(input_ids=ids, labels=ids).loss.backward()
+print(mb("VmHWM") - base)
+"""
+
+
+def test_release_memory_lowers_the_resident_peak_of_a_training_step():
+    """Freed forward activations go back to the OS instead of staying resident under the
+    backward's: the step's resident peak falls (measured about 2x at 8k tokens)."""
+    def peak(mode: str) -> float:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", _STEP_PEAK, mode], capture_output=True, text=True, check=True, env=env)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    kept, released = peak("keep"), peak("release")
+    assert released < 0.7 * kept, (kept, released)

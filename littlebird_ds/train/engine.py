@@ -124,6 +124,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the last K checkpoints")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (overrides the ds_config)")
+    g.add_argument("--release-memory", action="store_true",
+                   help="CPU: hand freed activation memory back to the OS at once (glibc), so long documents "
+                        "peak about 2x lower in resident memory at about 30%% more step time")
     # The deepspeed launcher passes --local_rank=N; torchrun and accelerate use LOCAL_RANK.
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -163,6 +166,32 @@ def prepare_environment(local_rank: int | None = None) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def release_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation of at least ``threshold_bytes`` with its own mapping,
+    returned to the OS when freed. Returns False where that is not available (not glibc).
+
+    By default glibc raises this threshold to the size of the largest block freed so far (up
+    to 32 MiB), so the activation tensors of a long document come from the heap and stay
+    resident after they are freed: a training step's resident peak then holds the forward's
+    freed activations on top of the backward's (measured: base size, 4,096 tokens, full
+    activation checkpointing, 2.6 GB above the model without this, 1.0-1.2 GB with it). The
+    price is fresh zeroed pages for every large tensor, about 30% more step time there. Torch
+    has no CPU caching-allocator knob for this; glibc's ``mallopt(M_MMAP_THRESHOLD)`` is the
+    documented control (setting it also turns the dynamic raise off)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_mmap_threshold = -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
 
 
 def init_process_group() -> None:
@@ -492,6 +521,8 @@ class Trainer:
                 f"launch a multiple of {tp * sp} processes or lower --tensor-parallel/--sequence-parallel"
             )
         prepare_environment(getattr(a, "local_rank", None))
+        if getattr(a, "release_memory", False) and on_cpu() and not release_freed_memory():
+            print("--release-memory: this C library has no mallopt (not glibc); ignored", file=sys.stderr)
         init_process_group()
         import torch.distributed as dist
 
@@ -631,12 +662,19 @@ class Trainer:
             )
 
     # -- loop -----------------------------------------------------------------------------------
-    def fit(self) -> TrainResult:
-        """Train to ``--max-steps`` (resuming if ``--resume``), save and export; see the class doc."""
-        a = self.args
+    def setup(self):
+        """Process group, model parallel groups, the model and ``deepspeed.initialize`` (steps
+        1-4 of the module docstring); returns the DeepSpeed engine. :meth:`fit` calls it;
+        call it alone to drive steps yourself (the scale benchmark does)."""
         self._setup_distributed()
         model = self._build_model()
         self._initialize(model)
+        return self.engine
+
+    def fit(self) -> TrainResult:
+        """Train to ``--max-steps`` (resuming if ``--resume``), save and export; see the class doc."""
+        a = self.args
+        self.setup()
         import torch.distributed as dist
 
         ckpt = CheckpointManager(self.out / "checkpoints", keep=a.keep_checkpoints, rank=self.rank,
