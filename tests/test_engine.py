@@ -155,6 +155,28 @@ def test_tp2_x_dp2_matches_single_process(stage, reference, tmp_path):
         torch.testing.assert_close(merged(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sp2_x_dp2_under_zero_matches_single_process(stage, reference, tmp_path):
+    """4 processes: sequence parallel 2 x data parallel 2 under ZeRO gives the single-process
+    losses, so ZeRO's gradient reduction sums each SP rank's partial gradients (its
+    sequence-data-parallel group) and averages over data parallel only; the export of the
+    trained model equals it."""
+    import littlebird_ds  # noqa: F401
+    from transformers import AutoModelForMaskedLM
+
+    cfg = DS_CONFIGS / f"zero{stage}_fp32.json"
+    out = tmp_path / "run"
+    p = _run(_torchrun(4, *_common(out, "--batch-size", "2", "--sequence-parallel", "2", "--deepspeed", str(cfg),
+                                   "--dump-logits")))
+    _close(_losses(p.stdout), reference)
+    meta = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
+    assert meta["sequence_parallel"] == 2 and meta["zero_stage"] == stage
+    ref = torch.load(out / "ref_logits.pt")
+    exported = AutoModelForMaskedLM.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume: SIGKILL mid-run, crash inside a save
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +386,16 @@ def test_malformed_ds_config_errors(tmp_path):
     clash.write_text('{"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 4}')
     with pytest.raises(ValueError, match=r"--batch-size 2 contradicts train_micro_batch_size_per_gpu=4"):
         resolve_ds_config(_args(deepspeed=clash, batch_size=2), dp_size=1)
+
+
+def test_zero3_with_sequence_parallel_error(tmp_path):
+    """ZeRO-3 with SP > 1 left the single-process losses from step 2 (measured), so it is refused."""
+    from littlebird_ds.train.engine import Trainer
+
+    args = _args(out=tmp_path, sequence_parallel=2, deepspeed=str(DS_CONFIGS / "zero3_offload_fp32.json"))
+    trainer = Trainer(args, model_factory=lambda: None, loss_fn=lambda m, b: None, batches=lambda *a: iter(()))
+    with pytest.raises(ValueError, match=r"--sequence-parallel 2 with ZeRO stage 3 .* use a ZeRO-1 or ZeRO-2 config"):
+        trainer.setup()
 
 
 def test_world_size_not_divisible_error(tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ MODES: dict[str, tuple[int, str | None]] = {
     "sp1": (1, None),
     "sp2": (2, None),
     "zero3-offload": (1, "zero3_offload_fp32.json"),
-    "sp2-zero3-offload": (2, "zero3_offload_fp32.json"),
+    "sp2-zero2": (2, "zero2_fp32.json"),
 }
 
 

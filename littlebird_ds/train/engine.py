@@ -514,6 +514,16 @@ class Trainer:
         tp, sp = int(a.tensor_parallel), int(a.sequence_parallel)
         if tp < 1 or sp < 1:
             raise ValueError(f"--tensor-parallel and --sequence-parallel must be >= 1, got {tp} and {sp}")
+        if sp > 1 and getattr(a, "deepspeed", None):
+            stage = int(load_ds_config(a.deepspeed).get("zero_optimization", {}).get("stage", 0))
+            if stage == 3:
+                # Measured: with SP=2 x DP=2, ZeRO-3's losses leave the single-process run's from
+                # the second step and its checkpoints do not gather; ZeRO-1/2 match exactly.
+                raise ValueError(
+                    f"--sequence-parallel {sp} with ZeRO stage 3 ({a.deepspeed}) is not supported: in this DeepSpeed "
+                    "version ZeRO-3 reduces sequence-parallel gradients wrongly; use a ZeRO-1 or ZeRO-2 config "
+                    "(ds_configs/zero2_fp32.json), or --sequence-parallel 1 with ZeRO-3"
+                )
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % (tp * sp):
             raise ValueError(
