@@ -38,6 +38,14 @@ def test_worker_measures_times_and_memory_in_a_fresh_process():
     for mode in ("infer", "train"):
         assert res[mode]["median_s"] > 0 and len(res[mode]["times_s"]) == 1
         assert res[mode]["peak_bytes"] >= 0 and res[mode]["hwm_reset"] in (True, False)
+    assert res["release_memory"] is False
+
+
+def test_worker_applies_release_memory_when_asked():
+    plan = runner.Plan(systems=["bigbird"], lengths=[256], steps=1, threads=1, release_memory=True)
+    res = runner.run_worker("bigbird", 256, plan)
+    assert "error" not in res, res
+    assert res["release_memory"] is True and res["train"]["median_s"] > 0
 
 
 def _fake(name, length, plan):

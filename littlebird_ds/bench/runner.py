@@ -29,6 +29,7 @@ class Plan:
     max_step_s: float = 60.0
     max_memory_gb: float = 16.0
     timeout_s: float = 1800.0
+    release_memory: bool = False  # every system's worker hands freed memory back to the OS at once
 
 
 def split_system(name: str) -> tuple[str, str]:
@@ -41,6 +42,8 @@ def run_worker(name: str, length: int, plan: Plan) -> dict:
     system, kernel = split_system(name)
     cmd = [sys.executable, "-m", "littlebird_ds.bench.worker", "--system", system, "--length", str(length),
            "--size", plan.size, "--kernel", kernel, "--steps", str(plan.steps), "--threads", str(plan.threads)]
+    if plan.release_memory:
+        cmd.append("--release-memory")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=plan.timeout_s, env=env)

@@ -42,8 +42,14 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure(system: str, length: int, size_name: str, kernel: str, modes: list[str], steps: int, threads: int) -> dict:
+def measure(system: str, length: int, size_name: str, kernel: str, modes: list[str], steps: int, threads: int,
+            release_memory: bool = False) -> dict:
     import torch
+
+    if release_memory:  # before anything large is allocated
+        from littlebird_ds.train.engine import release_freed_memory
+
+        release_memory = release_freed_memory()
 
     from .flops import matmul_rate
     from .systems import Size, build
@@ -55,7 +61,8 @@ def measure(system: str, length: int, size_name: str, kernel: str, modes: list[s
     model, inputs = build(system, Size.named(size_name), length, kernel)
     gc.collect()
     baseline_kb = _status_kb("VmRSS")
-    result: dict = {"system": system, "length": length, "size": size_name, "kernel": kernel, "threads": threads}
+    result: dict = {"system": system, "length": length, "size": size_name, "kernel": kernel, "threads": threads,
+                    "release_memory": release_memory}
 
     def infer_step():
         model.eval()
@@ -102,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--release-memory", action="store_true")
     a = p.parse_args(argv)
-    res = measure(a.system, a.length, a.size, a.kernel, a.modes.split(","), a.steps, a.threads)
+    res = measure(a.system, a.length, a.size, a.kernel, a.modes.split(","), a.steps, a.threads, a.release_memory)
     sys.stdout.write("BENCH_RESULT " + json.dumps(res) + "\n")
     return 0
 

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip a system at lengths where its training step is predicted slower (default 60)")
     parser.add_argument("--max-memory-gb", type=float, default=16.0,
                         help="skip a system at lengths where its peak memory is predicted higher (default 16)")
+    parser.add_argument("--release-memory", action="store_true",
+                        help="every system's process hands freed memory back to the OS at once (glibc mmap threshold; "
+                             "the training engine's --release-memory): lower resident peaks, some more time")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: lengths 512,1024, one round, one step (overrides --lengths/--rounds/--steps)")
     parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         lengths, rounds, steps = [512, 1024], 1, 1
     plan = runner.Plan(systems=systems, lengths=lengths, size=args.size, rounds=rounds, steps=steps,
-                       threads=args.threads, max_step_s=args.max_step_s, max_memory_gb=args.max_memory_gb)
+                       threads=args.threads, max_step_s=args.max_step_s, max_memory_gb=args.max_memory_gb,
+                       release_memory=args.release_memory)
     command = "littlebird-ds bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     out = Path(args.out)
     if args.report_only:
