@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "train-tokenizer": "littlebird_ds.commands.train_tokenizer",
     "pretrain": "littlebird_ds.commands.pretrain",
     "bench": "littlebird_ds.commands.bench",
+    "scale": "littlebird_ds.commands.scale",
     "export": "littlebird_ds.commands.export",
     "make-qa": "littlebird_ds.commands.make_qa",
     "distill": "littlebird_ds.commands.distill",

@@ -53,6 +53,6 @@ def test_memory_guard_stops_a_step_as_out_of_memory(tmp_path):
 
 
 def test_unknown_mode_is_a_clear_error(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "littlebird_ds.bench.scale", "--modes", "sp3", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", "scale", "--modes", "sp3", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "unknown mode 'sp3'" in res.stderr

@@ -18,7 +18,7 @@ longest length that fit and the shortest that did not, ``--refine`` times, on mu
 ``--granularity`` tokens. A straight line fitted to peak memory against length (the model is
 linear in length) also gives a projected limit for the machine's memory.
 
-    python -m littlebird_ds.bench.scale --modes sp1,sp2,zero3-offload --out runs/scale
+    littlebird-ds scale --modes sp1,sp2,zero3-offload --release-memory --out runs/scale
 """
 
 from __future__ import annotations
@@ -346,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    args = p.parse_args(argv)
+    return run(p.parse_args(argv), command="python -m littlebird_ds.bench.scale " + " ".join(argv))
+
+
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    """The driver: every mode's search (or ``--lengths``), written to ``--out`` as it goes."""
+    command = command or "littlebird-ds scale"
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
@@ -354,7 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         _ds_config_path(MODES[m][1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m littlebird_ds.bench.scale " + " ".join(argv)
     total = mem_total_gb()
     attempts: list[Attempt] = []
     from tqdm.auto import tqdm
