@@ -93,7 +93,8 @@ def test_tensor_parallel_2_equals_single_process(two_procs):
     """TP = 2 vs TP = 1 (masked LM and QA, pack attention, BiALiBi slices, uneven vocab shards),
     state-dict conversion, TP-size error, dropout masks and checkpointing replay under TP."""
     r = two_procs["tp2"]
-    _assert_parity(r, ["mlm.single37", "mlm.padded37_23", "qa.single37", "qa.padded37_23"])
+    _assert_parity(r, ["mlm.single37", "mlm.padded37_23", "mlm_masked.single37", "mlm_masked.padded37_23",
+                       "qa.single37", "qa.padded37_23"])
     assert r["state_dict_round_trip"] == "ok"
     assert "tensor_parallel_size=1" in r["tp_size_error"] and "shard_state_dict" in r["tp_size_error"]
     assert r["checkpointing_with_dropout"] == {"full": 0.0, "every_k": 0.0}
@@ -105,7 +106,8 @@ def test_sequence_parallel_2_equals_single_process(two_procs):
     tokens not aligned to blocks) and a padded batch of lengths 37 and 23; dropout masks per
     sequence shard (the packed stream's the same on every rank) and checkpointing replay."""
     r = two_procs["sp2"]
-    _assert_parity(r, ["mlm.single37", "mlm.padded37_23", "qa.single37", "qa.padded37_23"])
+    _assert_parity(r, ["mlm.single37", "mlm.padded37_23", "mlm_masked.single37", "mlm_masked.padded37_23",
+                       "qa.single37", "qa.padded37_23"])
     assert r["encoder_hidden_states"] <= 1.0
     assert r["checkpointing_with_dropout"] == {"full": 0.0, "every_k": 0.0}
     assert r["dropout_masks"] == "ok"
@@ -116,7 +118,8 @@ def test_tp2_x_sp2_with_deepspeed_equals_single_process():
     (its gradient reduction sums over SP), and with DeepSpeed's partitioned checkpointing."""
     r = _launch(4, "parallel_parity.py", "--tp", "2", "--sp", "2", "--deepspeed", "--batches", "padded37_23",
                 timeout=180)
-    _assert_parity(r, ["mlm.padded37_23", "qa.padded37_23", "deepspeed_checkpointing_partitioned"])
+    _assert_parity(r, ["mlm.padded37_23", "mlm_masked.padded37_23", "qa.padded37_23",
+                       "deepspeed_checkpointing_partitioned"])
     assert r["encoder_hidden_states"] <= 1.0
     assert r["deepspeed_zero0_grad"] <= 1.0
 

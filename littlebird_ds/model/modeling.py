@@ -170,11 +170,13 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
 
 def masked_logits_kwargs(model) -> dict:
     """``{"masked_logits_only": True}`` when ``model`` (or the module a DeepSpeed engine wraps)
-    runs the single-process ``LittleBirdForMaskedLM.forward``; ``{}`` otherwise (BERT teachers,
-    tensor/sequence-parallel forwards, which compute their own vocabulary-parallel loss)."""
+    runs ``LittleBirdForMaskedLM.forward`` or a parallel forward that supports it (marked
+    ``supports_masked_logits_only``, as the tensor/sequence-parallel one is); ``{}`` otherwise
+    (BERT teachers)."""
     module = getattr(model, "module", model)
     forward = getattr(module.forward, "__func__", None)
-    return {"masked_logits_only": True} if forward is LittleBirdForMaskedLM.forward else {}
+    ok = forward is LittleBirdForMaskedLM.forward or getattr(forward, "supports_masked_logits_only", False)
+    return {"masked_logits_only": True} if ok else {}
 
 
 def _return_dict(config, return_dict: bool | None) -> bool:

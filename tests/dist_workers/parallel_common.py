@@ -79,9 +79,14 @@ def batch(lengths: list[int], vocab: int = 97, seed: int = 0) -> dict:
 
 
 def inputs_for(model_kind: str, b: dict) -> dict:
+    """``mlm_masked``: the masked-LM model with ``masked_logits_only=True`` (vocabulary logits
+    at labelled tokens only, as pretraining runs it)."""
     keep = ["input_ids", "attention_mask", "token_type_ids"]
-    keep += ["labels"] if model_kind == "mlm" else ["start_positions", "end_positions"]
-    return {k: b[k] for k in keep}
+    keep += ["labels"] if model_kind.startswith("mlm") else ["start_positions", "end_positions"]
+    x = {k: b[k] for k in keep}
+    if model_kind == "mlm_masked":
+        x["masked_logits_only"] = True
+    return x
 
 
 def _finite(ref: torch.Tensor) -> torch.Tensor:
@@ -99,6 +104,8 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float | None = None) -> f
 
 
 def outputs_of(kind: str, out) -> dict:
+    if kind == "mlm_masked":  # logits are per-rank rows there; the loss is the full one everywhere
+        return {"loss": out.loss}
     if kind == "mlm":
         return {"loss": out.loss, "logits": out.logits}
     return {"loss": out.loss, "start_logits": out.start_logits, "end_logits": out.end_logits}
@@ -154,7 +161,7 @@ def build_pair(kind: str, cfg: LittleBirdConfig, seed: int = 0):
     from littlebird_ds import LittleBirdForMaskedLM, LittleBirdForQuestionAnswering
 
     torch.manual_seed(seed)
-    cls = LittleBirdForMaskedLM if kind == "mlm" else LittleBirdForQuestionAnswering
+    cls = LittleBirdForMaskedLM if kind.startswith("mlm") else LittleBirdForQuestionAnswering
     ref = cls(cfg).train()
     # Non-trivial BiALiBi per head, so a wrong head slice shows in outputs.
     with torch.no_grad():
