@@ -130,7 +130,7 @@ def worker(argv: list[str]) -> None:
     dist.all_gather_object(peaks, {"peak_gb": _status_kb("VmHWM") / 2**20, "built_gb": built_gb})
     if dist.get_rank() == 0:
         print("SCALE_RESULT " + json.dumps({
-            "length": a.length, "loss": float(loss), "step_s": step_s, "forward_s": t_fwd,
+            "length": a.length, "loss": float(loss.detach()), "step_s": step_s, "forward_s": t_fwd,
             "peak_gb_per_rank": [x["peak_gb"] for x in peaks], "built_gb_per_rank": [x["built_gb"] for x in peaks],
             "peak_gb": sum(x["peak_gb"] for x in peaks), "threads": torch.get_num_threads(),
         }), flush=True)
