@@ -56,3 +56,23 @@ def test_unknown_mode_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", "scale", "--modes", "sp3", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "unknown mode 'sp3'" in res.stderr
+
+
+def test_append_keeps_earlier_modes_and_replaces_what_is_tried_again(monkeypatch, tmp_path):
+    import argparse
+
+    def fake_attempt(mode, length, args, log):
+        return scale.Attempt(mode, length, True, step_s=2.0, peak_gb=3.0, peak_gb_per_rank=[1.5, 1.5])
+
+    monkeypatch.setattr(scale, "attempt", fake_attempt)
+    old = [scale.Attempt("sp1", 8192, True, step_s=1.0, peak_gb=2.0).__dict__,
+           scale.Attempt("sp2", 8192, True, step_s=9.0, peak_gb=9.0).__dict__]
+    (tmp_path / "scale.json").write_text(json.dumps({"command": "first", "attempts": old}))
+    p = argparse.ArgumentParser()
+    scale.add_arguments(p)
+    args = p.parse_args(["--modes", "sp2", "--lengths", "8192", "--append", "--out", str(tmp_path)])
+    assert scale.run(args, command="second") == 0
+    data = json.loads((tmp_path / "scale.json").read_text())
+    got = {(a["mode"], a["length"]): a["peak_gb"] for a in data["attempts"]}
+    assert got == {("sp1", 8192): 2.0, ("sp2", 8192): 3.0}
+    assert data["command"] == "first ; second"

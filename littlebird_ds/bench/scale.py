@@ -336,6 +336,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="OMP threads per rank (default: torch's choice)")
     p.add_argument("--release-memory", action="store_true",
                    help="the training engine's --release-memory (freed activations go back to the OS at once)")
+    p.add_argument("--append", action="store_true",
+                   help="add to --out's earlier scale.json (a mode and length tried again replaces the earlier try)")
     p.add_argument("--out", default="runs/scale")
 
 
@@ -361,6 +363,11 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     total = mem_total_gb()
     attempts: list[Attempt] = []
+    if args.append and (out / "scale.json").is_file():  # keep earlier runs, except what is tried again now
+        prev = json.loads((out / "scale.json").read_text())
+        again = {(m, n) for m in modes for n in (int(x) for x in (args.lengths or "").split(",") if x)}
+        attempts = [Attempt(**a) for a in prev["attempts"] if (a["mode"], a["length"]) not in again]
+        command = prev["command"] + " ; " + command
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="scale", unit="step")
