@@ -35,19 +35,19 @@ from typing import Callable
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=4000, teacher_steps=600, teacher_length=128, distill_steps=300, distill_length=128,
-        further_steps=200, further_length=512, qa_steps=900, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15",
+        further_steps=200, further_length=512, qa_steps=900, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15", qa_pi_factor=4,
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=1e-3, questions_per_document="96,24,24",
         validation_fraction=0.05,
     ),
     "small": dict(
         vocab_size=8000, teacher_steps=3000, teacher_length=256, distill_steps=2000, distill_length=256,
-        further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2",
+        further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2", qa_pi_factor=8,
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=5e-4, questions_per_document="256,64,64",
         validation_fraction=0.05,
     ),
     "base": dict(
         vocab_size=32000, teacher_steps=100000, teacher_length=512, distill_steps=50000, distill_length=512,
-        further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="",
+        further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="", qa_pi_factor=8,
         eval_lengths=(512, 2048, 4096, 8192, 16384), batch_size=32, lr=1e-4, questions_per_document="256,100,100",
         validation_fraction=0.02,
     ),
@@ -197,6 +197,8 @@ class Pipeline:
                     "--validation", val, "--max-length", str(s["qa_length"])]
             if s.get("qa_curriculum"):
                 argv += ["--curriculum", s["qa_curriculum"]]
+            if "--no-padding-insertion" not in model_args:  # the longest Padding Insertion target, x stage length
+                argv += ["--pi-factor", str(s["qa_pi_factor"])]
             self._run("qa", argv + self._train_common(out, s["qa_steps"]), train=True, log_name=f"{name}.log")
             _atomic_json(out / "DONE.json", {"model": str(out / "final")})
             done[name] = str(out / "final")
