@@ -15,8 +15,8 @@ into its OOM killer; the workers also mark themselves first in line for it.
 
 The search doubles the length from ``--start`` until a step fails, then bisects between the
 longest length that fit and the shortest that did not, ``--refine`` times, on multiples of
-``--granularity`` tokens. A straight line fitted to peak memory against length (the model is
-linear in length) also gives a projected limit for the machine's memory.
+``--granularity`` tokens. The straight line through the peak memory of the two longest steps
+that fit (the model is linear in length) also gives a projected limit for the machine's memory.
 
     littlebird-ds scale --modes sp1,sp2,zero3-offload --release-memory --out runs/scale
 """
@@ -255,8 +255,11 @@ def summarise(attempts: list[Attempt], total_gb: float, reserve_gb: float) -> di
         if best:
             row.update(step_s=best.step_s, peak_gb=best.peak_gb, peak_gb_per_rank=best.peak_gb_per_rank)
         if len(ok) >= 2:
-            x = np.array([a.length for a in ok], dtype=float)
-            y = np.array([a.peak_gb for a in ok], dtype=float)
+            # The line through the two longest steps that fit: at short lengths the peak is the
+            # optimizer step's (model states, flat in length), which would bend a fit of all points.
+            top = sorted(ok, key=lambda a: a.length)[-2:]
+            x = np.array([a.length for a in top], dtype=float)
+            y = np.array([a.peak_gb for a in top], dtype=float)
             slope, intercept = np.polyfit(x, y, 1)
             row["gb_per_1k_tokens"] = slope * 1024
             row["fixed_gb"] = intercept
