@@ -263,7 +263,7 @@ def summarise(attempts: list[Attempt], total_gb: float, reserve_gb: float) -> di
             slope, intercept = np.polyfit(x, y, 1)
             row["gb_per_1k_tokens"] = slope * 1024
             row["fixed_gb"] = intercept
-            if slope > 0:
+            if y[1] > 1.1 * y[0]:  # else the activations do not show yet: no projection
                 row["projected_max_length"] = int((total_gb - reserve_gb - intercept) / slope)
         out[mode] = row
     return out
@@ -341,6 +341,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the training engine's --release-memory (freed activations go back to the OS at once)")
     p.add_argument("--append", action="store_true",
                    help="add to --out's earlier scale.json (a mode and length tried again replaces the earlier try)")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: rewrite --out's summary, table and plot")
     p.add_argument("--out", default="runs/scale")
 
 
@@ -366,6 +367,10 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     total = mem_total_gb()
     attempts: list[Attempt] = []
+    if args.report_only:
+        if not (out / "scale.json").is_file():
+            raise SystemExit(f"--report-only: {out / 'scale.json'} does not exist")
+        args.append, args.lengths, modes = True, None, []
     if args.append and (out / "scale.json").is_file():  # keep earlier runs, except what is tried again now
         prev = json.loads((out / "scale.json").read_text())
         again = {(m, n) for m in modes for n in (int(x) for x in (args.lengths or "").split(",") if x)}
@@ -385,6 +390,14 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         _atomic_write(out / "scale.md", markdown(summary, attempts, command, total))
         plot(attempts, total, out / "scale.png")
 
+    if args.report_only:  # measure nothing: rewrite the summary, table and plot of --out's scale.json
+        summary = summarise(attempts, total, args.reserve_gb)
+        _atomic_write(out / "scale.json", json.dumps({"command": prev["command"], "machine_gb": total, "summary": summary,
+                                                      "attempts": [a.__dict__ for a in attempts]}, indent=2))
+        _atomic_write(out / "scale.md", markdown(summary, attempts, prev["command"], total))
+        plot(attempts, total, out / "scale.png")
+        print((out / "scale.md").read_text())
+        return 0
     with open(out / "scale.log", "a") as log:
         for mode in modes:
             if args.lengths:
