@@ -50,8 +50,8 @@ def _ds_config_path(name: str | None) -> str | None:
         return None
     here = Path(__file__).resolve().parents[2] / "ds_configs" / name
     if not here.is_file():
-        raise FileNotFoundError(f"{here} not found: run the scale benchmark from a source checkout (ds_configs/ ships "
-                                "with the repository), or pass --deepspeed-dir")
+        raise FileNotFoundError(f"{here} not found: modes with a DeepSpeed config read it from the repository's "
+                                "ds_configs/; run from a source checkout (pip install -e .) or choose the sp1/sp2 modes")
     return str(here)
 
 
