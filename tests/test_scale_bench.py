@@ -31,16 +31,23 @@ def test_search_doubles_then_bisects_to_the_limit(monkeypatch):
     assert abs(summary["projected_max_length"] - (24 - 1 - 1) * 8192) <= 1
 
 
-def test_one_step_is_measured_and_reported(tmp_path):
+def test_one_step_is_measured_and_reported(tmp_path, monkeypatch):
+    # A stale process-group description in the caller's environment (as an in-process engine
+    # test leaves) must not reach the launches.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
     out = tmp_path / "scale"
     subprocess.run([sys.executable, "-m", "littlebird_ds.bench.scale", "--size", "default", "--vocab-size", "1000",
-                    "--lengths", "1024,2048", "--modes", "sp1", "--release-memory", "--out", str(out)],
+                    "--lengths", "1024,8192", "--modes", "sp1", "--release-memory", "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     data = json.loads((out / "scale.json").read_text())
-    assert [a["length"] for a in data["attempts"]] == [1024, 2048]
+    assert [a["length"] for a in data["attempts"]] == [1024, 8192]
+    assert all(a["ok"] for a in data["attempts"]), [a["reason"] for a in data["attempts"]]
     assert all(a["ok"] and a["step_s"] > 0 and a["peak_gb"] > 0.1 for a in data["attempts"])
-    assert data["summary"]["sp1"]["longest_ok"] == 2048 and "projected_max_length" in data["summary"]["sp1"]
-    assert (out / "scale.png").stat().st_size > 0 and "| sp1 | 2,048 |" in (out / "scale.md").read_text()
+    assert data["summary"]["sp1"]["longest_ok"] == 8192 and "projected_max_length" in data["summary"]["sp1"]
+    assert (out / "scale.png").stat().st_size > 0 and "| sp1 | 8,192 |" in (out / "scale.md").read_text()
 
 
 def test_memory_guard_stops_a_step_as_out_of_memory(tmp_path):

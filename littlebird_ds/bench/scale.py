@@ -178,7 +178,11 @@ def _free_port() -> int:
 
 def attempt(mode: str, length: int, args, log) -> Attempt:
     cmd = command_for(mode, length, args)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Each launch is its own process group: drop a group description this process may carry
+    # (torchrun sets its own for sp > 1; a single worker starts a fresh 1-process group).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONUNBUFFERED"] = "1"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     log.write(f"\n$ {' '.join(cmd)}\n")
