@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .systems import SIZES
+from .worker import _status_kb
 
 #: mode name -> (sequence-parallel size, DeepSpeed config under ds_configs/ or None for the built-in ZeRO-0)
 MODES: dict[str, tuple[int, str | None]] = {
@@ -55,28 +56,20 @@ def _ds_config_path(name: str | None) -> str | None:
     return str(here)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _meminfo_gb(field: str) -> float:
+    with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"{field} not in /proc/meminfo")
 
 
 def mem_available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("MemAvailable not in /proc/meminfo")
+    return _meminfo_gb("MemAvailable")
 
 
 def mem_total_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("MemTotal not in /proc/meminfo")
+    return _meminfo_gb("MemTotal")
 
 
 # ---------------------------------------------------------------------------------------------
