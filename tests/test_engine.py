@@ -137,22 +137,29 @@ def test_tp2_x_dp2_matches_single_process(stage, reference, tmp_path):
     """4 processes: tensor parallel 2 x data parallel 2 (littlebird_ds.parallel through the
     engine's mpu) gives the single-process losses; the engine's final export merges the TP
     shards into a model whose logits equal the trained (sharded) model's."""
-    import littlebird_ds  # noqa: F401
-    from transformers import AutoModelForMaskedLM
-
     cfg = DS_CONFIGS / f"zero{stage}_fp32.json"
     if stage == 3:
         cfg = _zero3_partitioned_config(tmp_path)
+    _four_process_run_matches(reference, tmp_path, cfg, stage, "tensor_parallel")
+
+
+def _four_process_run_matches(reference, tmp_path: Path, cfg: Path, stage: int, parallel: str) -> None:
+    """Train on 4 processes with ``--{parallel} 2`` (x data parallel 2) under ``cfg``: the losses
+    are the single-process ones, the checkpoint records the layout, and the engine's export
+    equals the trained (sharded) model in logits."""
+    import littlebird_ds  # noqa: F401
+    from transformers import AutoModelForMaskedLM
+
     out = tmp_path / "run"
-    p = _run(_torchrun(4, *_common(out, "--batch-size", "2", "--tensor-parallel", "2", "--deepspeed", str(cfg),
-                                   "--dump-logits")))
+    flag = "--" + parallel.replace("_", "-")
+    p = _run(_torchrun(4, *_common(out, "--batch-size", "2", flag, "2", "--deepspeed", str(cfg), "--dump-logits")))
     _close(_losses(p.stdout), reference)
     meta = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
-    assert meta["tensor_parallel"] == 2 and meta["zero_stage"] == stage
+    assert meta[parallel] == 2 and meta["zero_stage"] == stage
     ref = torch.load(out / "ref_logits.pt")
-    merged = AutoModelForMaskedLM.from_pretrained(out / "final").eval()
+    exported = AutoModelForMaskedLM.from_pretrained(out / "final").eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(exported(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -161,20 +168,7 @@ def test_sp2_x_dp2_under_zero_matches_single_process(stage, reference, tmp_path)
     losses, so ZeRO's gradient reduction sums each SP rank's partial gradients (its
     sequence-data-parallel group) and averages over data parallel only; the export of the
     trained model equals it."""
-    import littlebird_ds  # noqa: F401
-    from transformers import AutoModelForMaskedLM
-
-    cfg = DS_CONFIGS / f"zero{stage}_fp32.json"
-    out = tmp_path / "run"
-    p = _run(_torchrun(4, *_common(out, "--batch-size", "2", "--sequence-parallel", "2", "--deepspeed", str(cfg),
-                                   "--dump-logits")))
-    _close(_losses(p.stdout), reference)
-    meta = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
-    assert meta["sequence_parallel"] == 2 and meta["zero_stage"] == stage
-    ref = torch.load(out / "ref_logits.pt")
-    exported = AutoModelForMaskedLM.from_pretrained(out / "final").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(exported(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
+    _four_process_run_matches(reference, tmp_path, DS_CONFIGS / f"zero{stage}_fp32.json", stage, "sequence_parallel")
 
 
 # ---------------------------------------------------------------------------------------------
