@@ -293,13 +293,7 @@ def resolve_ds_config(args, dp_size: int, source: str = "built-in default") -> d
     Under ``accelerate launch`` with a DeepSpeed plugin and no ``--deepspeed``, the plugin's
     settings (ZeRO stage, offload, clipping) come from accelerate's environment.
     """
-    path = getattr(args, "deepspeed", None)
-    cfg = load_ds_config(path)
-    if path is not None:
-        source = str(path)
-    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        cfg = _config_from_accelerate_env(cfg)
-        source = "accelerate's DeepSpeed plugin"
+    cfg, source = _base_ds_config(args, source)
     micro = _fill(cfg, "train_micro_batch_size_per_gpu", getattr(args, "batch_size", None), 8, "--batch-size", source)
     accum = _fill(cfg, "gradient_accumulation_steps", getattr(args, "grad_accum", None), 1, "--grad-accum", source)
     total = micro * accum * dp_size
@@ -316,6 +310,18 @@ def resolve_ds_config(args, dp_size: int, source: str = "built-in default") -> d
         raise ValueError(f"{source} enables fp16; LittleBird trains in fp32 or bf16: use a *_bf16.json config")
     cfg.setdefault("steps_per_print", 1_000_000_000)
     return cfg
+
+
+def _base_ds_config(args, source: str = "built-in default") -> tuple[dict[str, Any], str]:
+    """The config as given, before the batch fields are filled, and where it came from:
+    ``--deepspeed``, accelerate's DeepSpeed plugin, or the built-in default."""
+    path = getattr(args, "deepspeed", None)
+    cfg = load_ds_config(path)
+    if path is not None:
+        return cfg, str(path)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return _config_from_accelerate_env(cfg), "accelerate's DeepSpeed plugin"
+    return cfg, source
 
 
 def _config_from_accelerate_env(base: dict) -> dict:
@@ -514,13 +520,13 @@ class Trainer:
         tp, sp = int(a.tensor_parallel), int(a.sequence_parallel)
         if tp < 1 or sp < 1:
             raise ValueError(f"--tensor-parallel and --sequence-parallel must be >= 1, got {tp} and {sp}")
-        if sp > 1 and getattr(a, "deepspeed", None):
-            stage = int(load_ds_config(a.deepspeed).get("zero_optimization", {}).get("stage", 0))
-            if stage == 3:
+        if sp > 1:
+            cfg, source = _base_ds_config(a)  # whichever source: --deepspeed or accelerate's plugin
+            if int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
                 # Measured: with SP=2 x DP=2, ZeRO-3's losses leave the single-process run's from
                 # the second step and its checkpoints do not gather; ZeRO-1/2 match exactly.
                 raise ValueError(
-                    f"--sequence-parallel {sp} with ZeRO stage 3 ({a.deepspeed}) is not supported: in this DeepSpeed "
+                    f"--sequence-parallel {sp} with ZeRO stage 3 ({source}) is not supported: in this DeepSpeed "
                     "version ZeRO-3 reduces sequence-parallel gradients wrongly; use a ZeRO-1 or ZeRO-2 config "
                     "(ds_configs/zero2_fp32.json), or --sequence-parallel 1 with ZeRO-3"
                 )
