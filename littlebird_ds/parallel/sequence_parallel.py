@@ -231,31 +231,24 @@ def _mlm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
     x, hidden, L, l = encode(base, state, input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states)
     if masked_logits_only and labels is None:
         raise ValueError("masked_logits_only=True needs labels (it keeps the positions where labels != -100)")
+    logits = None if masked_logits_only else self.lm_head(x)  # [B, t, V/P]
     loss = None
     if labels is not None:
         if tuple(labels.shape) != (x.shape[0], L):
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {(x.shape[0], L)}")
         full = torch.nn.functional.pad(labels, (0, l - L), value=-100)  # [B, l]
-        local = _local_slice(full, state).reshape(-1)  # [B*t]
+        targets = _local_slice(full, state).reshape(-1)  # [B*t]
         if masked_logits_only:
-            selected = local != -100
+            selected = targets != -100
             logits = self.lm_head(x.reshape(-1, x.shape[-1])[selected])  # [M_local, V/P]
-            targets = local[selected]
-        else:
-            logits = self.lm_head(x)  # [B, t, V/P]
-            targets = local
+            targets = targets[selected]
         per_token = vocab_parallel_cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), targets,
             self.lm_head.vocab_start, self.lm_head.vocab_end, state.tensor_parallel_group,
         )
         total = reduce_from_sequence_parallel_region(per_token.sum(), state.sequence_parallel_group)
         loss = total / (labels != -100).sum()  # mean over labelled tokens, as F.cross_entropy
-        if masked_logits_only:
-            return _return(self.config, return_dict, MaskedLMOutput(loss=loss, logits=logits,
-                                                                    hidden_states=_hidden(state, hidden, L)))
-    else:
-        logits = self.lm_head(x)  # [B, t, V/P]
-    if self.parallel_gather_output:
+    if self.parallel_gather_output and not masked_logits_only:
         sizes = tensor_parallel_sizes(self.config.vocab_size, state)
         logits = gather_from_tensor_parallel_region(logits, state.tensor_parallel_group, sizes)  # [B, t, V]
         logits = _gather_seq(logits, state, L)  # [B, L, V]
