@@ -98,13 +98,21 @@ def test_save_pretrained_round_trip_in_a_fresh_process(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").exists()
     ids = _ids(2, 50)
     torch.save(ids, tmp_path / "ids.pt")
-    with torch.no_grad():
-        expected = model(ids).start_logits
+    # Bit equality needs the same reduction order on both sides: the same thread count (an
+    # earlier test in this process may have changed it).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            expected = model(ids).start_logits
+    finally:
+        torch.set_num_threads(threads)
     torch.save(expected, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
         import torch, littlebird_ds
         from transformers import AutoModelForQuestionAnswering
+        torch.set_num_threads(1)
         m = AutoModelForQuestionAnswering.from_pretrained({str(tmp_path / 'm')!r}).eval()
         assert type(m).__name__ == "LittleBirdForQuestionAnswering", type(m)
         ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
