@@ -71,3 +71,35 @@ def test_student_longer_than_teacher_positions_is_a_clear_error(setup):
     root, corpus, _ = setup
     res = _distill(root, corpus, root / "bad2", "--max-length", "512")
     assert res.returncode != 0 and "exceeds the teacher's 128 positions" in res.stderr
+
+
+def test_mask_rate_zero_with_masked_terms_is_a_clear_error(setup):
+    root, corpus, _ = setup
+    out = root / "bad3"
+    res = _distill(root, corpus, out, "--mask-rate", "0")
+    assert res.returncode != 0 and "--kl-weight 0 --mlm-weight 0" in res.stderr
+    assert not out.exists()
+
+
+def test_mask_rate_zero_distils_hidden_states_on_clean_text(setup):
+    from littlebird_ds.train.distill import make_distill_collate
+    from littlebird_ds.train.pretrain import load_tokenizer
+
+    root, corpus, _ = setup
+    tok = load_tokenizer(str(root / "teacher"))
+    ids = tok("Ndipo Mulungu anati, Pakhale kuyera; ndipo kunali kuyera.")["input_ids"]
+    examples = [{"input_ids": ids}, {"input_ids": ids[:7]}]
+    clean = make_distill_collate(tok, mask_rate=0.0, block_size=8, padding_insertion=0.0, pi_max_length=None)(examples)
+    assert clean["input_ids"][0, : len(ids)].tolist() == ids  # nothing masked or replaced
+    assert clean["input_ids"][1, :7].tolist() == ids[:7] and clean["attention_mask"][1, 7:].sum() == 0
+    assert (clean["labels"] == -100).all()
+    masked = make_distill_collate(tok, mask_rate=0.5, block_size=8, padding_insertion=0.0, pi_max_length=None)(examples)
+    assert (masked["labels"] != -100).any()  # the same collate does mask at a positive rate
+
+    out = root / "clean"
+    res = _distill(root, corpus, out, "--mask-rate", "0", "--kl-weight", "0", "--mlm-weight", "0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert train and "mse" in train[-1] and "mlm" not in train[-1] and "kl" not in train[-1]
+    assert all(r["loss"] == r["loss"] for r in train)  # finite, no NaN from an empty masked set

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-length", type=int, default=None, help="tokens per example (default: min(512, teacher positions))")
     d.add_argument("--validation-fraction", type=float, default=0.05)
     d.add_argument("--eval-examples", type=int, default=128)
-    d.add_argument("--mask-rate", type=float, default=0.15)
+    d.add_argument("--mask-rate", type=float, default=0.15,
+                   help="share of tokens in masked spans (default 0.15); 0: teacher and student read clean text, "
+                        "for hidden-state-only distillation (--kl-weight 0 --mlm-weight 0)")
     d.add_argument("--padding-insertion", type=float, default=0.0, metavar="P",
                    help="probability per example of Padding Insertion in the student's view (default 0)")
     d.add_argument("--pi-max-length", type=int, default=None, metavar="N")

@@ -247,11 +247,15 @@ def make_distill_collate(tokenizer, *, mask_rate: float, block_size: int, paddin
     from ..data.padding_insertion import insert_padding_batch
     from ..data.span_masking import SpanMaskingCollator
 
-    collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate, generator=None)
+    # mask_rate 0: clean text for both (hidden-state distillation); the collator still pads.
+    collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate or 0.15, generator=None)
     keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
     def collate(examples):
         batch = {k: v for k, v in collator(examples).items() if k in keys}
+        if not mask_rate:
+            batch["input_ids"] = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+            batch["labels"] = torch.full_like(batch["labels"], -100)
         out = dict(batch)
         if padding_insertion > 0:
             padded = insert_padding_batch(batch, max_length=int(pi_max_length), probability=padding_insertion,
@@ -312,6 +316,11 @@ def run_distillation(args):
     if len(tokenizer) > student_cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {student_cfg.vocab_size}; "
                          "pass the teacher's own tokenizer")
+    if args.mask_rate == 0 and (args.kl_weight or args.mlm_weight):
+        raise ValueError("--mask-rate 0 (clean text, hidden-state distillation) leaves no masked tokens for the KL and "
+                         "span-masking terms; add --kl-weight 0 --mlm-weight 0, or use a mask rate such as 0.15")
+    if not 0 <= args.mask_rate < 1:
+        raise ValueError(f"--mask-rate {args.mask_rate} must be in [0, 1)")
     pi = float(args.padding_insertion)
     if pi > 0 and (args.pi_max_length is None or args.pi_max_length < max_len or args.pi_max_length % args.block_size):
         raise ValueError(f"--padding-insertion needs --pi-max-length N >= --max-length {max_len}, a multiple of "
@@ -327,7 +336,7 @@ def run_distillation(args):
                             tokenizer.cls_token_id, tokenizer.sep_token_id)
     batch_size = int(args.batch_size or 8)
     eval_batches = fixed_eval_batches(val_set, tokenizer, batch_size=batch_size, max_examples=args.eval_examples,
-                                      seed=args.seed, mask_rate=args.mask_rate)
+                                      seed=args.seed, mask_rate=args.mask_rate or 0.15)
     if main:
         print(f"distill: teacher {teacher_path} ({type(teacher).__name__}, {'with' if hasattr(teacher, 'cls') or hasattr(teacher, 'lm_head') else 'no'} "
               f"MLM head) | examples train {len(train_set)} validation {len(val_set)} of {max_len} tokens | "
