@@ -1,0 +1,99 @@
+"""Does a model learn the cloze-matching skill of `make-qa` data? A diagnostic, not a test.
+
+Trains a small QA model on short windows of ``make-qa`` training data (the windows that hold
+the answer, as ``finetune-qa`` builds them) and prints the training loss and the start-token
+accuracy on the validation set's windows every ``--every`` steps. ``--model bert`` trains a
+Hugging Face ``BertForQuestionAnswering`` of the same size with dense attention and learned
+positions, so a failure to learn can be pinned on the data and budget (both fail) or on
+LittleBird (only it fails). Chance accuracy is about 1 / (context tokens per window).
+
+    python benchmarks/qa_learnability.py --data runs/qa --tokenizer runs/tok --model littlebird \
+        --length 128 --steps 1000 --lr 1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="make-qa output folder (train-512.json, validation-512.json)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--model", choices=("littlebird", "bert"), default="littlebird")
+    p.add_argument("--length", type=int, default=128, help="window length in tokens")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--every", type=int, default=250)
+    p.add_argument("--eval-windows", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    from littlebird_ds import LittleBirdConfig, LittleBirdForQuestionAnswering
+    from littlebird_ds.data.qa import load_qa_examples
+    from littlebird_ds.train.finetune_qa import collate_qa, train_features
+
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    rows = {}
+    for split in ("train", "validation"):
+        examples = load_qa_examples(f"{args.data}/{split}-512.json")
+        rows[split] = train_features(examples, tok, max_length=args.length, stride=args.length // 2,
+                                     block_size=args.block_size)
+    train, val = rows["train"], rows["validation"][: args.eval_windows]
+    pad = tok.pad_token_id
+    size = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512,
+                hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if args.model == "bert":
+        model = BertForQuestionAnswering(BertConfig(vocab_size=len(tok), max_position_embeddings=max(512, args.length),
+                                                    pad_token_id=pad, **size))
+    else:
+        model = LittleBirdForQuestionAnswering(LittleBirdConfig(vocab_size=len(tok), pad_token_id=pad,
+                                                                block_size=args.block_size, pack_size=16, **size))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = min(100, args.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.1, 1 - s / args.steps))
+
+    def start_accuracy() -> float:
+        model.eval()
+        hit = 0
+        with torch.no_grad():
+            for i in range(0, len(val), 32):
+                b = collate_qa(val[i:i + 32], pad)
+                out = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                            attention_mask=b["attention_mask"])
+                # Context tokens only (token type 1); the question and padding cannot be answers.
+                start = out.start_logits.masked_fill(b["token_type_ids"] == 0, -1e9).argmax(-1)
+                hit += int((start == b["start_positions"]).sum())
+        model.train()
+        return hit / len(val)
+
+    rng = random.Random(args.seed)
+    print(f"{args.model}: {len(train)} training windows, {len(val)} validation windows of {args.length} tokens")
+    t0 = time.time()
+    for step in range(args.steps):
+        b = collate_qa(rng.sample(train, args.batch_size), pad)
+        out = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"],
+                    start_positions=b["start_positions"], end_positions=b["end_positions"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % args.every == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {out.loss.item():.3f}  validation start accuracy {start_accuracy():.3f}  "
+                  f"{time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
