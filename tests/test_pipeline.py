@@ -54,3 +54,32 @@ def test_unknown_setting_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", "pipeline", "--out", str(tmp_path), "--set", "warp=9"],
                          capture_output=True, text=True, env=ENV)
     assert res.returncode != 0 and "expected KEY=VALUE with KEY one of" in res.stderr
+
+
+def _fake_run(out, f1s):
+    """An OUT folder holding only the evaluation results: run -> {length: F1}."""
+    (out / "evaluate").mkdir(parents=True)
+    for run, by in f1s.items():
+        by_length = {str(n): {"f1": f1, "exact_match": 0.0, "total": 48} for n, f1 in by.items()}
+        (out / "evaluate" / f"{run}.json").write_text(json.dumps({"by_length": by_length}))
+
+
+def test_report_calls_qa_comparisons_not_shown_when_the_models_are_near_chance(tmp_path):
+    from littlebird_ds.report import summarize
+
+    # Near chance: PI is "within 10 points" and "ahead" by noise; that is not evidence.
+    _fake_run(tmp_path / "chance", {"pretrained_pi": {512: 3.4, 4096: 2.9}, "pretrained_no_pi": {512: 7.3, 4096: 0.3},
+                                    "random_pi": {512: 2.0, 4096: 1.0}})
+    checks = summarize(tmp_path / "chance", {"qa_length": 512})["checks"]
+    for key in ("padding_insertion", "pretraining_pays"):
+        assert checks[key]["passed"] is False and "has not learned the task" in checks[key]["not_shown"]
+    # A model that learned the task: the same rules decide.
+    _fake_run(tmp_path / "learned", {"pretrained_pi": {512: 40.0, 4096: 35.0}, "pretrained_no_pi": {512: 41.0, 4096: 5.0},
+                                     "random_pi": {512: 20.0, 4096: 10.0}})
+    checks = summarize(tmp_path / "learned", {"qa_length": 512})["checks"]
+    assert checks["padding_insertion"]["passed"] is True and "not_shown" not in checks["padding_insertion"]
+    assert checks["pretraining_pays"]["passed"] is True
+    _fake_run(tmp_path / "drop", {"pretrained_pi": {512: 40.0, 4096: 20.0}, "pretrained_no_pi": {512: 41.0, 4096: 5.0},
+                                  "random_pi": {512: 45.0, 4096: 10.0}})
+    checks = summarize(tmp_path / "drop", {"qa_length": 512})["checks"]
+    assert checks["padding_insertion"]["passed"] is False and checks["pretraining_pays"]["passed"] is False
