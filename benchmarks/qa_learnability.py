@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--preset", default="tiny", help="model size preset, the same for both kinds")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--every", type=int, default=250)
@@ -36,11 +38,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+    from transformers import AutoTokenizer
 
-    from littlebird_ds import LittleBirdConfig, LittleBirdForQuestionAnswering
     from littlebird_ds.data.qa import load_qa_examples
     from littlebird_ds.train.finetune_qa import collate_qa, train_features
+    from littlebird_ds.train.presets import build_model
 
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -51,18 +53,15 @@ def main() -> None:
                                      block_size=args.block_size)
     train, val = rows["train"], rows["validation"][: args.eval_windows]
     pad = tok.pad_token_id
-    size = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512,
-                hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    dropout = dict(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
     if args.model == "bert":
-        model = BertForQuestionAnswering(BertConfig(vocab_size=len(tok), max_position_embeddings=max(512, args.length),
-                                                    pad_token_id=pad, **size))
+        model = build_model("bert", args.preset, len(tok), pad, head="qa",
+                            max_position_embeddings=max(512, args.length), **dropout)
     else:
-        model = LittleBirdForQuestionAnswering(LittleBirdConfig(vocab_size=len(tok), pad_token_id=pad,
-                                                                block_size=args.block_size, pack_size=16, **size))
+        model = build_model("littlebird", args.preset, len(tok), pad, head="qa", block_size=args.block_size, **dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = min(100, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.1, 1 - s / args.steps))
+        opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)) * max(0.1, 1 - s / args.steps))
 
     def start_accuracy() -> float:
         model.eval()
