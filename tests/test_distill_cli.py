@@ -79,6 +79,9 @@ def test_mask_rate_zero_with_masked_terms_is_a_clear_error(setup):
     res = _distill(root, corpus, out, "--mask-rate", "0")
     assert res.returncode != 0 and "--kl-weight 0 --mlm-weight 0" in res.stderr
     assert not out.exists()
+    res = _distill(root, corpus, out, "--dropout", "1.5")
+    assert res.returncode != 0 and "--dropout 1.5 must be in [0, 1)" in res.stderr
+    assert not out.exists()
 
 
 def test_mask_rate_zero_distils_hidden_states_on_clean_text(setup):
@@ -97,8 +100,10 @@ def test_mask_rate_zero_distils_hidden_states_on_clean_text(setup):
     assert (masked["labels"] != -100).any()  # the same collate does mask at a positive rate
 
     out = root / "clean"
-    res = _distill(root, corpus, out, "--mask-rate", "0", "--kl-weight", "0", "--mlm-weight", "0")
+    res = _distill(root, corpus, out, "--mask-rate", "0", "--kl-weight", "0", "--mlm-weight", "0", "--dropout", "0")
     assert res.returncode == 0, res.stderr[-3000:]
+    cfg = AutoModelForMaskedLM.from_pretrained(out / "final").config
+    assert cfg.hidden_dropout_prob == 0 and cfg.attention_probs_dropout_prob == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     assert train and "mse" in train[-1] and "mlm" not in train[-1] and "kl" not in train[-1]

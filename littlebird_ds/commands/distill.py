@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the teacher's); must equal the teacher's")
     g.add_argument("--block-size", type=int, default=64, help="student block size (default 64)")
     g.add_argument("--pack-size", type=int, default=64, help="student packed length (default 64)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="student hidden and attention dropout (default: the teacher's). 0 lets the student fit the "
+                        "frozen teacher's eval-mode states without dropout noise")
     g.add_argument("--temperature", type=float, default=2.0)
     g.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(teacher MLM || student) (needs a teacher MLM head)")
     g.add_argument("--mse-weight", type=float, default=1.0, help="weight of the final hidden-state MSE")

@@ -312,7 +312,12 @@ def run_distillation(args):
     if max_len > limit:
         raise ValueError(f"--max-length {max_len} exceeds the teacher's {limit} positions; the teacher reads the text at "
                          f"its own length: use --max-length {limit} or less")
-    student_cfg = student_config_from_teacher(teacher.config, block_size=args.block_size, pack_size=args.pack_size)
+    dropout = getattr(args, "dropout", None)
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"--dropout {dropout} must be in [0, 1)")
+    overrides = {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    student_cfg = student_config_from_teacher(teacher.config, block_size=args.block_size, pack_size=args.pack_size,
+                                              **overrides)
     if len(tokenizer) > student_cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {student_cfg.vocab_size}; "
                          "pass the teacher's own tokenizer")
