@@ -144,6 +144,31 @@ def test_whole_words_and_specials_never_split_or_masked(big_batch):
             assert end == len(ids) or word_start[ids[end]] or special[ids[end]]
 
 
+def test_specials_and_kept_tokens_inside_text_are_never_masked():
+    # Question tokens between words (as recurring span selection leaves them) and positions
+    # marked keep_unmasked stay as they are, even at a mask rate whose spans cover them.
+    rng = np.random.default_rng(3)
+    word_start, special = tables()
+    docs, keeps = [], []
+    for _ in range(20):
+        doc = random_document(rng, 60)
+        for at in (10, 30, 50):
+            doc[at] = QUESTION
+        keep = np.zeros(len(doc), dtype=bool)
+        keep[20:24] = True
+        docs.append({"input_ids": doc, "keep_unmasked": keep})
+        keeps.append(keep)
+    collator = SpanMaskingCollator(word_start=word_start, special=special, mask_token_id=MASK, mask_rate=0.6,
+                                   generator=0)
+    batch = collator(docs)
+    for b, ex in enumerate(docs):
+        ids, labels = np.array(ex["input_ids"]), batch["labels"][b].numpy()
+        fixed = special[ids] | keeps[b]
+        assert (labels[: len(ids)][fixed] == -100).all()
+        assert (batch["input_ids"][b].numpy()[: len(ids)][fixed] == ids[fixed]).all()
+        assert (labels != -100).sum() > 0.4 * (~fixed).sum()  # still masks heavily around them
+
+
 def test_span_boundary_info(big_batch):
     docs, batch = big_batch
     for b, doc in enumerate(docs[:5]):

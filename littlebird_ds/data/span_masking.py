@@ -158,7 +158,8 @@ class SpanMaskingCollator:
 
     Build it with ``SpanMaskingCollator.from_tokenizer(tokenizer, ...)`` or directly from the
     id tables. Call it on a list of examples, each a list/1-D tensor of ids or a mapping with
-    ``input_ids`` (and optionally ``token_type_ids``, ``attention_mask``). Returns ``int64``
+    ``input_ids`` (and optionally ``token_type_ids``, ``attention_mask``, and
+    ``keep_unmasked``: positions never to mask, treated like special tokens). Returns ``int64``
     tensors ``[B, L]``: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``,
     ``span_left``, ``span_right``, ``span_offset``; ``L`` is the longest example, rounded up
     to ``pad_to_multiple_of``.
@@ -232,7 +233,7 @@ class SpanMaskingCollator:
         rows = [_unpack(ex) for ex in examples]
         if not rows:
             raise ValueError("SpanMaskingCollator got an empty batch")
-        length = max(len(ids) for ids, _, _ in rows)
+        length = max(len(ids) for ids, _, _, _ in rows)
         if self.pad_to_multiple_of:
             length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
         shape = (len(rows), length)
@@ -243,20 +244,24 @@ class SpanMaskingCollator:
         left = np.full(shape, -1, dtype=np.int64)
         right = np.full(shape, -1, dtype=np.int64)
         offset = np.full(shape, -1, dtype=np.int64)
-        for b, (ids, types, mask) in enumerate(rows):
+        for b, (ids, types, mask, keep) in enumerate(rows):
             n = len(ids)
             input_ids[b, :n] = ids
             attention[b, :n] = mask
             token_type[b, :n] = types
-            # Padding inside the example (attention 0) is treated like a special token.
-            words = word_spans(np.where(mask.astype(bool), ids, self.pad_token_id), self.word_start, self._unmaskable)
-            n_real = int((~self._unmaskable[np.where(mask.astype(bool), ids, self.pad_token_id)]).sum())
+            # Padding inside the example (attention 0) and kept positions are treated like special tokens.
+            maskable = np.where(mask.astype(bool) & ~keep, ids, self.pad_token_id)
+            words = word_spans(maskable, self.word_start, self._unmaskable)
+            n_real = int((~self._unmaskable[maskable]).sum())
             if n_real == 0:
                 continue
             budget = max(1, round(self.mask_rate * n_real))
             for first, end, _ in sample_masked_spans(words, budget, rng, self.length_probs, self.max_placement_tries):
                 start_tok, end_tok = words[first][0], words[end - 1][1]
                 positions = np.arange(start_tok, end_tok)
+                # A span of several words may enclose a special or kept token between two of
+                # them (a question token, an inserted pad): that one stays as it is.
+                positions = positions[~self._unmaskable[maskable[positions]]]
                 labels[b, positions] = ids[positions]
                 left[b, positions] = max(start_tok - 1, 0)
                 right[b, positions] = min(end_tok, n - 1)
@@ -277,23 +282,28 @@ class SpanMaskingCollator:
         }
 
 
-def _unpack(example: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, token_type_ids, attention_mask)`` int64 arrays of one example."""
+def _unpack(example: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, token_type_ids, attention_mask, keep)`` arrays of one example; ``keep`` (bool,
+    from an optional ``keep_unmasked`` field) marks positions never to mask, such as the kept
+    occurrence of a recurring span."""
+    keep = None
     if isinstance(example, Mapping):
         ids = np.asarray(_to_list(example["input_ids"]), dtype=np.int64)
         types = example.get("token_type_ids")
         mask = example.get("attention_mask")
+        keep = example.get("keep_unmasked")
         types = np.zeros_like(ids) if types is None else np.asarray(_to_list(types), dtype=np.int64)
         mask = np.ones_like(ids) if mask is None else np.asarray(_to_list(mask), dtype=np.int64)
     else:
         ids = np.asarray(_to_list(example), dtype=np.int64)
         types, mask = np.zeros_like(ids), np.ones_like(ids)
-    if ids.ndim != 1 or types.shape != ids.shape or mask.shape != ids.shape:
+    keep = np.zeros(ids.shape, dtype=bool) if keep is None else np.asarray(_to_list(keep), dtype=bool)
+    if ids.ndim != 1 or types.shape != ids.shape or mask.shape != ids.shape or keep.shape != ids.shape:
         raise ValueError(
             f"each example must be one sequence: input_ids {ids.shape}, token_type_ids {types.shape}, "
-            f"attention_mask {mask.shape}; pass un-batched examples (lists or 1-D tensors)."
+            f"attention_mask {mask.shape}, keep_unmasked {keep.shape}; pass un-batched examples (lists or 1-D tensors)."
         )
-    return ids, types, mask
+    return ids, types, mask, keep
 
 
 def _to_list(x: Any) -> Any:
