@@ -1,5 +1,5 @@
-"""Hugging Face model classes: ``LittleBirdModel``, ``LittleBirdForMaskedLM``,
-``LittleBirdForQuestionAnswering``.
+"""Hugging Face model classes: ``LittleBirdModel``, ``LittleBirdForMaskedLM`` (optionally with
+a recurring-span-selection head), ``LittleBirdForQuestionAnswering``.
 
 The model owns sequence length: it validates inputs, pads them to whole blocks (at least
 four) with :func:`pad_to_blocks`, and cuts every output back to the input length.
@@ -201,13 +201,56 @@ class LittleBirdLMHead(nn.Module):
         return self.decoder(self.transform(x)) + self.bias
 
 
+class LittleBirdSpanSelectionHead(nn.Module):
+    """Question-aware span selection (Ram et al. 2021, "Splinter"): the state of a question
+    token, mapped by ``start``/``end``, is dotted with every token state to give that
+    question's start/end logits over the sequence. Used by recurring span selection (RSS)."""
+
+    def __init__(self, config: LittleBirdConfig):
+        super().__init__()
+        self.start = nn.Linear(config.hidden_size, config.hidden_size)
+        self.end = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, questions: torch.Tensor,
+                attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden [B, L, d]``, ``questions [B, Q]`` (positions; negative slots are unused
+        and give rows of garbage the caller drops). Returns start and end logits ``[B, Q, L]``
+        (fp32), pad positions at the lowest value."""
+        index = questions.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        q = hidden.gather(1, index)  # [B, Q, d]
+        keys = hidden.transpose(1, 2)  # [B, d, L]
+        start = torch.bmm(self.start(q), keys).float()
+        end = torch.bmm(self.end(q), keys).float()
+        if attention_mask is not None:
+            pad = ~attention_mask.bool().unsqueeze(1)  # [B, 1, L]
+            start = start.masked_fill(pad, torch.finfo(start.dtype).min)
+            end = end.masked_fill(pad, torch.finfo(end.dtype).min)
+        return start, end
+
+
+@dataclass
+class LittleBirdMaskedLMOutput(MaskedLMOutput):
+    """``MaskedLMOutput`` plus recurring span selection (with ``rss_questions``):
+    ``rss_loss`` (mean of the start and end cross-entropies over the questions) and the
+    questions' ``rss_start_logits``/``rss_end_logits`` ``[N, L]``."""
+
+    rss_loss: torch.Tensor | None = None
+    rss_start_logits: torch.Tensor | None = None
+    rss_end_logits: torch.Tensor | None = None
+
+
 class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
+    """Masked-LM head on the encoder. With ``config.rss_head = True`` (an extra config field,
+    saved with the model) it also has a :class:`LittleBirdSpanSelectionHead` for recurring
+    span selection, which ``pretrain --rss-weight`` trains next to the masked-LM loss."""
+
     _tied_weights_keys = {"lm_head.decoder.weight": "littlebird.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: LittleBirdConfig):
         super().__init__(config)
         self.littlebird = LittleBirdModel(config)
         self.lm_head = LittleBirdLMHead(config)
+        self.rss_head = LittleBirdSpanSelectionHead(config) if getattr(config, "rss_head", False) else None
         self.post_init()
 
     def get_output_embeddings(self):
@@ -226,9 +269,16 @@ class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         masked_logits_only: bool = False,
+        rss_questions: torch.Tensor | None = None,
+        rss_starts: torch.Tensor | None = None,
+        rss_ends: torch.Tensor | None = None,
         **kwargs,
     ):
         """``labels [B, L]``: token ids at masked positions, -100 elsewhere (ignored).
+
+        ``rss_questions [B, Q]``: positions of the question tokens of recurring span
+        selection (-1 where a row has fewer), ``rss_starts``/``rss_ends [B, Q]`` their targets
+        (first and last position of the kept occurrence); needs ``config.rss_head``.
 
         ``masked_logits_only=True`` (with ``labels``) computes the vocabulary projection only
         at labelled positions and returns ``logits [M, V]`` in row-major order of
@@ -253,7 +303,24 @@ class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                ignore_index=-100)
-        res = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        rss_loss = rss_start = rss_end = None
+        if rss_questions is not None:
+            if self.rss_head is None:
+                raise ValueError("rss_questions given but the model has no span-selection head; build it with "
+                                 "config.rss_head = True (pretrain --rss-weight does)")
+            if rss_starts is None or rss_ends is None or rss_starts.shape != rss_questions.shape \
+                    or rss_ends.shape != rss_questions.shape:
+                raise ValueError("rss_questions, rss_starts and rss_ends must all be given, each [B, Q]")
+            start_all, end_all = self.rss_head(hidden, rss_questions, attention_mask)
+            valid = rss_questions >= 0
+            rss_start, rss_end = start_all[valid], end_all[valid]  # [N, L]
+            if bool(valid.any()):
+                rss_loss = (nn.functional.cross_entropy(rss_start, rss_starts[valid])
+                            + nn.functional.cross_entropy(rss_end, rss_ends[valid])) / 2
+            else:  # no recurring span in this batch: a zero that keeps the head in the graph
+                rss_loss = (start_all.sum() + end_all.sum()) * 0.0
+        res = LittleBirdMaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, rss_loss=rss_loss,
+                                       rss_start_logits=rss_start, rss_end_logits=rss_end)
         return res if _return_dict(self.config, return_dict) else res.to_tuple()
 
 

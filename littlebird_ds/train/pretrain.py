@@ -24,8 +24,18 @@ tokens predicted exactly (``eval_accuracy``), logged by the engine to ``metrics.
 TensorBoard every ``--eval-every`` steps and at the end. A fresh run (not ``--resume``) also
 evaluates the initial model and writes that as the step-0 record of ``metrics.jsonl``.
 
-Not wired in: the span boundary objective (the model has no SBO head yet) and recurring
-span selection as a second objective; the collator already returns the SBO fields.
+**Recurring span selection** (``--rss-weight W``, LittleBird only; Ram et al. 2021, the
+original LittleBird work's objective): before masking, every occurrence but one of up to
+``--rss-max-questions`` recurring spans (runs of 2-10 whole words whose ids occur at least
+twice in the window) becomes one question token, and a span-selection head on each question
+token's state points at the kept occurrence (start and end). The question token is
+``[MASK]``, the blank of ``make-qa``'s cloze questions, so pretraining practises exactly the
+skill cloze QA needs: find where the blank's surroundings recur and point there. Kept
+occurrences are never masked; the loss is ``mlm + W * rss``; evaluation adds
+``rss_loss`` and ``rss_accuracy`` (start and end both exact).
+
+Not wired in: the span boundary objective (the model has no SBO head yet); the collator
+already returns the SBO fields.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ from .presets import MODEL_KINDS, PRESETS, build_config, build_model, max_positi
 IGNORE_INDEX = -100
 #: Keys of a collated batch the model takes; the collator's SBO fields are dropped.
 MODEL_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
+#: Recurring-span-selection targets ``[B, Q]`` (positions; -1 / -100 in unused slots).
+RSS_KEYS: tuple[str, ...] = ("rss_questions", "rss_starts", "rss_ends")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +98,11 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="LittleBird only: probability per example of Padding Insertion (default 0: off)")
     d.add_argument("--pi-max-length", type=int, default=None, metavar="N",
                    help="length examples are padded out to by Padding Insertion (a multiple of the block size)")
+    d.add_argument("--rss-weight", type=float, default=0.0, metavar="W",
+                   help="LittleBird only: add recurring span selection with this weight (default 0: off); "
+                        "the model gets a span-selection head")
+    d.add_argument("--rss-max-questions", type=int, default=30, metavar="Q",
+                   help="most recurring spans turned into questions per window (default 30)")
     d.add_argument("--tokenize-batch-size", type=int, default=16, help="documents per tokenizer call")
     add_training_arguments(parser)
     return parser
@@ -163,47 +180,92 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 def _model_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+    return {k: batch[k] for k in MODEL_KEYS + RSS_KEYS if k in batch}
+
+
+def _rss_masked_batch(examples: Sequence[Any], collator, question_token_id: int, max_questions: int,
+                      generator) -> dict[str, torch.Tensor]:
+    """Recurring span selection on each example, then span masking of what is left (kept
+    occurrences are never masked); adds :data:`RSS_KEYS` ``[B, Q]`` to the batch."""
+    from ..data.span_masking import _as_rng, build_rss_example
+
+    rng = _as_rng(generator)
+    rows = [build_rss_example(ex, question_token_id=question_token_id, word_start=collator.word_start,
+                              special=collator.special, max_groups=max_questions, generator=rng) for ex in examples]
+    masked_in = []
+    for r in rows:
+        keep = np.zeros(len(r.input_ids), dtype=bool)
+        for a, b in zip(r.answer_starts, r.answer_ends):
+            keep[a : b + 1] = True
+        masked_in.append({"input_ids": r.input_ids, "keep_unmasked": keep})
+    batch = collator(masked_in)
+    q = max([len(r.question_positions) for r in rows] + [1])
+    if q == batch["input_ids"].shape[1]:
+        q += 1  # never [B, L]: Padding Insertion would take [B, L] tensors for per-token ones
+    questions = torch.full((len(rows), q), -1, dtype=torch.long)
+    starts = torch.full((len(rows), q), IGNORE_INDEX, dtype=torch.long)
+    ends = torch.full((len(rows), q), IGNORE_INDEX, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r.question_positions)
+        questions[b, :n] = torch.tensor(r.question_positions, dtype=torch.long)
+        starts[b, :n] = torch.tensor(r.answer_starts, dtype=torch.long)
+        ends[b, :n] = torch.tensor(r.answer_ends, dtype=torch.long)
+    return {**batch, "rss_questions": questions, "rss_starts": starts, "rss_ends": ends}
 
 
 def make_train_collate(tokenizer, *, mask_rate: float = 0.15, pad_to_multiple_of: int | None = None,
-                       padding_insertion: float = 0.0, pi_max_length: int | None = None) -> Callable:
-    """The training collate function: span masking, then (optionally) Padding Insertion.
+                       padding_insertion: float = 0.0, pi_max_length: int | None = None,
+                       rss_max_questions: int | None = None) -> Callable:
+    """The training collate function: recurring span selection (when ``rss_max_questions``),
+    span masking, then (optionally) Padding Insertion.
 
     Randomness comes from torch's global RNG (``generator=None``), whose state the engine
     checkpoints, so a resumed run draws the same masks as an uninterrupted one.
     """
-    from ..data.padding_insertion import insert_padding_batch
+    from ..data.padding_insertion import DEFAULT_POSITION_KEYS, insert_padding_batch
     from ..data.span_masking import SpanMaskingCollator
 
     collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate,
                                                   pad_to_multiple_of=pad_to_multiple_of, generator=None)
 
     def collate(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
-        batch = collator(examples)
+        if rss_max_questions:
+            batch = _rss_masked_batch(examples, collator, tokenizer.mask_token_id, rss_max_questions, None)
+        else:
+            batch = collator(examples)
         if padding_insertion > 0:
             batch = insert_padding_batch(batch, max_length=int(pi_max_length), probability=padding_insertion,
                                          pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
-                                         generator=None)
+                                         position_keys=DEFAULT_POSITION_KEYS + RSS_KEYS, generator=None)
         return _model_batch(batch)
 
     return collate
 
 
 def fixed_eval_batches(dataset: WindowDataset, tokenizer, *, batch_size: int, max_examples: int, seed: int,
-                       mask_rate: float = 0.15, pad_to_multiple_of: int | None = None) -> list[dict[str, torch.Tensor]]:
+                       mask_rate: float = 0.15, pad_to_multiple_of: int | None = None,
+                       rss_max_questions: int | None = None) -> list[dict[str, torch.Tensor]]:
     """A deterministic masked validation set: up to ``max_examples`` windows, evenly spaced
-    over ``dataset``, masked with a generator seeded ``seed``; CPU tensors in batches."""
+    over ``dataset``, masked (and with ``rss_max_questions``, given recurring-span questions)
+    with a generator seeded ``seed``; CPU tensors in batches."""
     from ..data.span_masking import SpanMaskingCollator
 
     n = len(dataset)
     if n == 0:
         return []
     idx = np.unique(np.linspace(0, n - 1, num=min(n, max_examples)).round().astype(int)).tolist()
+    rng = np.random.default_rng(seed)
     collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate, pad_to_multiple_of=pad_to_multiple_of,
-                                                  generator=np.random.default_rng(seed))
-    return [_model_batch(collator([dataset[i] for i in idx[j:j + batch_size]]))
-            for j in range(0, len(idx), batch_size)]
+                                                  generator=rng)
+    batches = []
+    for j in range(0, len(idx), batch_size):
+        examples = [dataset[i] for i in idx[j:j + batch_size]]
+        if rss_max_questions:
+            batches.append(_model_batch(_rss_masked_batch(examples, collator, tokenizer.mask_token_id,
+                                                          rss_max_questions, rng)))
+        else:
+            batches.append(_model_batch(collator(examples)))
+    return batches
 
 
 def _device_of(model) -> torch.device:
@@ -216,29 +278,50 @@ def _device_of(model) -> torch.device:
 @torch.no_grad()
 def evaluate_mlm(model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Masked-token ``loss`` (mean cross-entropy over all masked tokens of all batches),
-    ``accuracy`` (share predicted exactly) and ``masked_tokens``. The caller sets eval mode."""
+    ``accuracy`` (share predicted exactly) and ``masked_tokens``; with recurring-span
+    questions in the batches also ``rss_loss``, ``rss_uniform_loss`` (chance: pointing
+    uniformly over each row's tokens), ``rss_accuracy`` (start and end both right) and
+    ``rss_questions``. The caller sets eval mode."""
     device = _device_of(model)
     loss_sum, correct, count = 0.0, 0, 0
+    rss_loss_sum, rss_uniform_sum, rss_correct, rss_count = 0.0, 0.0, 0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"]
         kw = masked_logits_kwargs(model)
         if not kw:
             batch.pop("labels")
-        logits = model(**batch, **kw).logits  # [B, L, V], or [M, V] with masked_logits_only
+        out = model(**batch, **kw)
+        logits = out.logits  # [B, L, V], or [M, V] with masked_logits_only
         sel = labels != IGNORE_INDEX
         picked = (logits if kw else logits[sel]).float()  # [M, V]
         target = labels[sel]
         loss_sum += float(torch.nn.functional.cross_entropy(picked, target, reduction="sum"))
         correct += int((picked.argmax(-1) == target).sum())
         count += int(sel.sum())
-    if count == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "masked_tokens": 0.0}
-    return {"loss": loss_sum / count, "accuracy": correct / count, "masked_tokens": float(count)}
+        if "rss_questions" in batch:
+            valid = batch["rss_questions"] >= 0
+            n = int(valid.sum())
+            if n:
+                rss_loss_sum += float(out.rss_loss) * n
+                # The loss of pointing uniformly over the row's attended tokens: chance level.
+                real = batch["attention_mask"].sum(-1, keepdim=True).expand_as(valid)[valid].double()
+                rss_uniform_sum += float(real.log().sum())
+                hit = (out.rss_start_logits.argmax(-1) == batch["rss_starts"][valid]) & (
+                    out.rss_end_logits.argmax(-1) == batch["rss_ends"][valid])
+                rss_correct += int(hit.sum())
+                rss_count += n
+    metrics = ({"loss": float("nan"), "accuracy": float("nan"), "masked_tokens": 0.0} if count == 0 else
+               {"loss": loss_sum / count, "accuracy": correct / count, "masked_tokens": float(count)})
+    if rss_count:
+        metrics.update(rss_loss=rss_loss_sum / rss_count, rss_uniform_loss=rss_uniform_sum / rss_count,
+                       rss_accuracy=rss_correct / rss_count, rss_questions=float(rss_count))
+    return metrics
 
 
-def mlm_loss_fn(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The engine's ``loss_fn``: masked-LM loss, plus masked tokens and train masked accuracy."""
+def mlm_loss_fn(model, batch: dict[str, torch.Tensor], rss_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The engine's ``loss_fn``: masked-LM loss, plus masked tokens and train masked accuracy.
+    With recurring-span questions in the batch, ``loss = mlm + rss_weight * rss``."""
     kw = masked_logits_kwargs(model)
     out = model(**batch, **kw)
     labels = batch["labels"]
@@ -246,7 +329,12 @@ def mlm_loss_fn(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, di
     with torch.no_grad():
         picked = out.logits if kw else out.logits[sel]  # [M, V]
         acc = (picked.argmax(-1) == labels[sel]).float().mean() if bool(sel.any()) else torch.tensor(0.0)
-    return out.loss, {"masked_tokens": int(sel.sum()), "masked_accuracy": float(acc)}
+    logs = {"masked_tokens": int(sel.sum()), "masked_accuracy": float(acc)}
+    loss = out.loss
+    if "rss_questions" in batch:
+        loss = loss + rss_weight * out.rss_loss
+        logs.update(mlm=float(out.loss), rss=float(out.rss_loss), rss_questions=int((batch["rss_questions"] >= 0).sum()))
+    return loss, logs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +444,18 @@ def prepare_pretraining(args) -> PretrainSetup:
                              f"use {-(-pi_max // block) * block}")
     if not 0.0 <= args.validation_fraction < 1.0:
         raise ValueError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+    rss_weight = float(getattr(args, "rss_weight", 0.0) or 0.0)
+    rss_q = int(getattr(args, "rss_max_questions", 30)) if rss_weight else None
+    if rss_weight < 0:
+        raise ValueError(f"--rss-weight {rss_weight} must be >= 0 (0: no recurring span selection)")
+    if rss_weight:
+        if kind != "littlebird":
+            raise ValueError("--rss-weight needs --model littlebird: the span-selection head is LittleBird's")
+        if rss_q < 1:
+            raise ValueError(f"--rss-max-questions {rss_q} must be >= 1")
+        if getattr(args, "tensor_parallel", 1) not in (None, 1) or getattr(args, "sequence_parallel", 1) not in (None, 1):
+            raise ValueError("--rss-weight runs without tensor or sequence parallelism (the parallel forwards have "
+                             "no span-selection head); drop --tensor-parallel/--sequence-parallel or --rss-weight")
 
     main = is_main_process()
     t0 = time.perf_counter()
@@ -370,9 +470,10 @@ def prepare_pretraining(args) -> PretrainSetup:
                          "or a smaller --validation-fraction")
     batch = int(args.batch_size or 8)
     eval_batches = fixed_eval_batches(val_set, tokenizer, batch_size=batch, max_examples=args.eval_examples,
-                                      seed=args.seed, mask_rate=args.mask_rate, pad_to_multiple_of=block)
+                                      seed=args.seed, mask_rate=args.mask_rate, pad_to_multiple_of=block,
+                                      rss_max_questions=rss_q)
     collate = make_train_collate(tokenizer, mask_rate=args.mask_rate, pad_to_multiple_of=block,
-                                 padding_insertion=pi, pi_max_length=pi_max)
+                                 padding_insertion=pi, pi_max_length=pi_max, rss_max_questions=rss_q)
     stats = {
         "documents": {"train": len(train_docs), "validation": len(val_docs)},
         "tokens": {"train": int(sum(len(x) for x in train_ids)), "validation": int(sum(len(x) for x in val_ids))},
@@ -393,8 +494,10 @@ def prepare_pretraining(args) -> PretrainSetup:
 
             import littlebird_ds  # noqa: F401 - registers LittleBird with the Auto classes
 
-            return AutoModelForMaskedLM.from_pretrained(init_from)
-        return build_model(kind, args.preset, len(tokenizer), tokenizer.pad_token_id, head="mlm")
+            # rss_head=True adds a freshly initialised span-selection head if the saved model has none.
+            return AutoModelForMaskedLM.from_pretrained(init_from, **({"rss_head": True} if rss_weight else {}))
+        return build_model(kind, args.preset, len(tokenizer), tokenizer.pad_token_id, head="mlm",
+                           **({"rss_head": True} if rss_weight else {}))
 
     return PretrainSetup(kind=kind, config=config, tokenizer=tokenizer, train_dataset=train_set,
                          eval_batches=eval_batches, collate_fn=collate, model_factory=model_factory, stats=stats)
@@ -423,8 +526,9 @@ def run_pretraining(args, setup: PretrainSetup | None = None):
             state["first"] = False
             if eval_fn is not None and args.eval_at_start and int(getattr(model, "global_steps", 0)) == 0:
                 _log_initial_eval(model, eval_fn, out)
-        return mlm_loss_fn(model, batch)
+        return mlm_loss_fn(model, batch, rss_weight=rss_weight)
 
+    rss_weight = float(getattr(args, "rss_weight", 0.0) or 0.0)
     trainer = Trainer(args, model_factory=setup.model_factory, loss_fn=loss_fn, train_dataset=setup.train_dataset,
                       collate_fn=setup.collate_fn, eval_fn=eval_fn, tokenizer=setup.tokenizer)
     return trainer.fit()
