@@ -48,6 +48,33 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def plot_eval_curve(metrics: Path, key: str, png: Path, title: str, target: float | None = None) -> Path | None:
+    """Plot ``eval_<key>`` against step from a run's ``metrics.jsonl`` (a resumed run's records
+    included) into ``png``; ``None`` when the run logged no such value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted({r["step"]: r[f"eval_{key}"] for r in read_metrics(Path(metrics)) if f"eval_{key}" in r}.items())
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3)
+    if target is not None:
+        ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = Path(png).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png)
+    return Path(png)
+
+
 def _find(obj, key: str):
     if isinstance(obj, dict):
         if key in obj:

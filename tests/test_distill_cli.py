@@ -53,6 +53,7 @@ def test_distill_command_trains_a_student_with_padding_insertion(setup):
     evals = [r for r in rows if "eval_cosine" in r]
     assert train and {"kl", "mse", "mlm", "cosine", "tokens_per_s", "lr"} <= set(train[-1])
     assert evals and -1.0 <= evals[-1]["eval_cosine"] <= 1.0
+    assert (out / "eval_cosine.png").stat().st_size > 1000  # the curve, as a picture
     student = AutoModelForMaskedLM.from_pretrained(out / "final")
     assert type(student).__name__ == "LittleBirdForMaskedLM"
     assert student.config.block_size == 8 and student.config.hidden_size == 32

@@ -152,7 +152,7 @@ def test_pretraining_with_rss_learns_to_point_and_saves_a_qa_ready_model(setup, 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_rss_loss" in r]
     assert [r["step"] for r in evals] == [0, 60]
-    assert evals[0]["eval_rss_questions"] == evals[1]["eval_rss_questions"] > 20  # a fixed validation set
+    assert evals[0]["eval_rss_questions"] == evals[1]["eval_rss_questions"] > 10  # a fixed validation set
     train = [r for r in rows if "loss" in r]
     assert {"mlm", "rss", "rss_questions"} <= train[-1].keys()
     first, last, chance = evals[0]["eval_rss_loss"], evals[-1]["eval_rss_loss"], evals[-1]["eval_rss_uniform_loss"]

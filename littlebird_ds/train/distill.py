@@ -379,7 +379,15 @@ def run_distillation(args):
                                    padding_insertion=pi, pi_max_length=args.pi_max_length)
     trainer = Trainer(args, model_factory=model_factory, loss_fn=loss_fn, train_dataset=train_set, collate_fn=collate,
                       eval_fn=eval_fn if eval_batches else None, tokenizer=tokenizer)
-    return trainer.fit()
+    result = trainer.fit()
+    if main:
+        from pathlib import Path
+
+        from ..report import plot_eval_curve
+
+        plot_eval_curve(Path(args.out) / "metrics.jsonl", "cosine", Path(args.out) / "eval_cosine.png",
+                        "held-out cosine, student vs teacher final hidden states", target=0.9)
+    return result
 
 
 def _has_tokenizer(path: str) -> bool:
