@@ -36,6 +36,10 @@ def main() -> None:
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--eval-windows", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synthetic-steps", type=int, default=0,
+                   help="first train this many steps on synthetic copy questions over random tokens")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start LittleBird from a pretrained model (e.g. a pretrain run's OUT/final) instead of random")
     args = p.parse_args()
 
     from transformers import AutoTokenizer
@@ -57,6 +61,12 @@ def main() -> None:
     if args.model == "bert":
         model = build_model("bert", args.preset, len(tok), pad, head="qa",
                             max_position_embeddings=max(512, args.length), **dropout)
+    elif args.init:
+        from transformers import AutoModelForQuestionAnswering
+
+        import littlebird_ds  # noqa: F401 - registers LittleBird with the Auto classes
+
+        model = AutoModelForQuestionAnswering.from_pretrained(args.init, **dropout)
     else:
         model = build_model("littlebird", args.preset, len(tok), pad, head="qa", block_size=args.block_size, **dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -80,6 +90,26 @@ def main() -> None:
     rng = random.Random(args.seed)
     print(f"{args.model}: {len(train)} training windows, {len(val)} validation windows of {args.length} tokens")
     t0 = time.time()
+    if args.synthetic_steps:
+        ordinary = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)]
+        for step in range(args.synthetic_steps):
+            b = synthetic_batch(rng, ordinary, tok, args.batch_size, args.length)
+            for g in opt.param_groups:  # warm-up, then constant; the cloze phase has its own schedule
+                g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+            out = model(**b)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            if step % args.every == 0 or step == args.synthetic_steps - 1:
+                with torch.no_grad():
+                    model.eval()
+                    v = synthetic_batch(random.Random(1), ordinary, tok, 64, args.length)
+                    hit = (model(**{k: x for k, x in v.items() if "positions" not in k}).start_logits.argmax(-1)
+                           == v["start_positions"]).float().mean()
+                    model.train()
+                print(f"synthetic step {step:5d}  loss {out.loss.item():.3f}  synthetic start accuracy {hit:.3f}  "
+                      f"cloze start accuracy {start_accuracy():.3f}  {time.time() - t0:.0f} s", flush=True)
     for step in range(args.steps):
         b = collate_qa(rng.sample(train, args.batch_size), pad)
         out = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"],
@@ -92,6 +122,33 @@ def main() -> None:
         if step % args.every == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {out.loss.item():.3f}  validation start accuracy {start_accuracy():.3f}  "
                   f"{time.time() - t0:.0f} s", flush=True)
+
+
+def synthetic_batch(rng: random.Random, ordinary: list[int], tok, batch_size: int, length: int) -> dict:
+    """Copy questions over random tokens: the question is a snippet of the context with one to
+    three tokens replaced by one ``[MASK]``; the answer is those tokens in the context."""
+    rows = []
+    for _ in range(batch_size):
+        q_len = rng.randint(8, 24)
+        ctx_len = length - q_len - 2  # [CLS] q [SEP] ctx [SEP] with q_len - 1 + k question tokens
+        ctx = [rng.choice(ordinary) for _ in range(ctx_len)]
+        k = rng.randint(1, 3)
+        at = rng.randint(0, ctx_len - q_len - k)
+        blank = at + rng.randint(1, q_len - 2)
+        question = ctx[at:blank] + [tok.mask_token_id] + ctx[blank + k:at + q_len + k - 1]
+        ids = [tok.cls_token_id, *question, tok.sep_token_id, *ctx, tok.sep_token_id][:length]
+        offset = len(question) + 2
+        rows.append((ids, offset, offset + blank, offset + blank + k - 1))
+    n = max(len(r[0]) for r in rows)
+    ids = torch.full((batch_size, n), tok.pad_token_id)
+    types = torch.zeros((batch_size, n), dtype=torch.long)
+    mask = torch.zeros((batch_size, n), dtype=torch.long)
+    for i, (row, offset, _, _) in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        types[i, offset:len(row)] = 1
+        mask[i, :len(row)] = 1
+    return dict(input_ids=ids, token_type_ids=types, attention_mask=mask,
+                start_positions=torch.tensor([r[2] for r in rows]), end_positions=torch.tensor([r[3] for r in rows]))
 
 
 if __name__ == "__main__":

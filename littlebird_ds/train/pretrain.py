@@ -333,7 +333,7 @@ def mlm_loss_fn(model, batch: dict[str, torch.Tensor], rss_weight: float = 1.0) 
     loss = out.loss
     if "rss_questions" in batch:
         loss = loss + rss_weight * out.rss_loss
-        logs.update(mlm=float(out.loss), rss=float(out.rss_loss), rss_questions=int((batch["rss_questions"] >= 0).sum()))
+        logs.update(mlm=out.loss.item(), rss=out.rss_loss.item(), rss_questions=int((batch["rss_questions"] >= 0).sum()))
     return loss, logs
 
 
