@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from littlebird_ds.config import LittleBirdConfig
+from conftest import tiny_config
+from test_pretrain import TEST_CONFIG
+
 from littlebird_ds.model.modeling import LittleBirdForMaskedLM
 from littlebird_ds.train.pretrain import add_pretrain_arguments, make_train_collate, prepare_pretraining, run_pretraining
 
-TEST_CONFIG = """\
-hidden_size: 64
-num_hidden_layers: 2
-num_attention_heads: 2
-intermediate_size: 128
-block_size: 16
-pack_size: 8
-hidden_dropout_prob: 0.0
-attention_probs_dropout_prob: 0.0
-"""
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +90,7 @@ def test_padding_insertion_moves_questions_and_targets_with_their_tokens(setup):
 
 def _tiny(rss_head=True):
     torch.manual_seed(0)
-    cfg = LittleBirdConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, block_size=8, pack_size=4, rss_head=rss_head)
-    return LittleBirdForMaskedLM(cfg)
+    return LittleBirdForMaskedLM(tiny_config(rss_head=rss_head))
 
 
 def test_span_selection_loss_trains_the_head_and_the_encoder():

@@ -352,6 +352,7 @@ class PretrainSetup:
     collate_fn: Callable
     model_factory: Callable[[], torch.nn.Module]
     stats: dict[str, Any] = field(default_factory=dict)
+    rss_weight: float = 0.0
 
 
 def load_tokenizer(path: str | os.PathLike[str]):
@@ -500,7 +501,8 @@ def prepare_pretraining(args) -> PretrainSetup:
                            **({"rss_head": True} if rss_weight else {}))
 
     return PretrainSetup(kind=kind, config=config, tokenizer=tokenizer, train_dataset=train_set,
-                         eval_batches=eval_batches, collate_fn=collate, model_factory=model_factory, stats=stats)
+                         eval_batches=eval_batches, collate_fn=collate, model_factory=model_factory, stats=stats,
+                         rss_weight=rss_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,9 +528,8 @@ def run_pretraining(args, setup: PretrainSetup | None = None):
             state["first"] = False
             if eval_fn is not None and args.eval_at_start and int(getattr(model, "global_steps", 0)) == 0:
                 _log_initial_eval(model, eval_fn, out)
-        return mlm_loss_fn(model, batch, rss_weight=rss_weight)
+        return mlm_loss_fn(model, batch, rss_weight=setup.rss_weight)
 
-    rss_weight = float(getattr(args, "rss_weight", 0.0) or 0.0)
     trainer = Trainer(args, model_factory=setup.model_factory, loss_fn=loss_fn, train_dataset=setup.train_dataset,
                       collate_fn=setup.collate_fn, eval_fn=eval_fn, tokenizer=setup.tokenizer)
     return trainer.fit()
