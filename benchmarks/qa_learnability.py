@@ -38,8 +38,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-steps", type=int, default=0,
                    help="first train this many steps on synthetic copy questions over random tokens")
+    p.add_argument("--bialibi-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier of LittleBird's BiALiBi slopes (as the training commands' flag)")
     p.add_argument("--init", default=None, metavar="DIR",
-                   help="start LittleBird from a pretrained model (e.g. a pretrain run's OUT/final) instead of random")
+                   help="start from a pretrained model instead of random: for LittleBird e.g. a pretrain run's "
+                        "OUT/final, for --model bert any Hugging Face BERT-style encoder folder")
     args = p.parse_args()
 
     from transformers import AutoTokenizer
@@ -58,7 +61,11 @@ def main() -> None:
     train, val = rows["train"], rows["validation"][: args.eval_windows]
     pad = tok.pad_token_id
     dropout = dict(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    if args.model == "bert":
+    if args.model == "bert" and args.init:
+        from transformers import AutoModelForQuestionAnswering
+
+        model = AutoModelForQuestionAnswering.from_pretrained(args.init, **dropout)
+    elif args.model == "bert":
         model = build_model("bert", args.preset, len(tok), pad, head="qa",
                             max_position_embeddings=max(512, args.length), **dropout)
     elif args.init:
@@ -69,7 +76,9 @@ def main() -> None:
         model = AutoModelForQuestionAnswering.from_pretrained(args.init, **dropout)
     else:
         model = build_model("littlebird", args.preset, len(tok), pad, head="qa", block_size=args.block_size, **dropout)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    from littlebird_ds.train.engine import param_groups
+
+    opt = torch.optim.AdamW(param_groups(model, 0.01, bialibi_lr_scale=args.bialibi_lr_scale, lr=args.lr), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)) * max(0.1, 1 - s / args.steps))
 
@@ -95,7 +104,7 @@ def main() -> None:
         for step in range(args.synthetic_steps):
             b = synthetic_batch(rng, ordinary, tok, args.batch_size, args.length)
             for g in opt.param_groups:  # warm-up, then constant; the cloze phase has its own schedule
-                g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+                g["lr"] = g["initial_lr"] * min(1.0, (step + 1) / max(1, args.warmup_steps))
             out = model(**b)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

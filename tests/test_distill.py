@@ -12,6 +12,7 @@ from littlebird_ds.train.distill import (
     check_same_tokenizer,
     hidden_cosine,
     init_student_from_teacher,
+    parse_layer_map,
     student_config_from_teacher,
 )
 
@@ -113,3 +114,37 @@ def test_real_pretrained_teacher_initialises_a_student():
     copied = init_student_from_teacher(student, teacher)
     assert len(copied) == 4 + 6 * 16  # no MLM head in this teacher
     assert student.config.hidden_size == 384 and student.config.block_size == 64
+
+
+def test_layer_map_all_pairs_every_student_layer_at_the_same_relative_depth():
+    assert parse_layer_map("all", 6, 6) == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}
+    assert parse_layer_map("all", 3, 12) == {1: 4, 2: 8}
+    assert parse_layer_map("2:4, 3:9", 4, 12) == {2: 4, 3: 9}
+    assert parse_layer_map(None, 6, 6) == {} and parse_layer_map("", 6, 6) == {}
+
+
+@pytest.mark.parametrize("spec, match", [("0:0", "out of range"), ("7:1", "out of range"), ("1:13", "out of range"),
+                                         ("1-2", "STUDENT:TEACHER"), ("a:b", "STUDENT:TEACHER")])
+def test_bad_layer_map_is_a_clear_error(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_layer_map(spec, 6, 12)
+
+
+def test_layer_map_adds_the_intermediate_layers_to_the_hidden_state_loss():
+    teacher = _tiny_bert(mlm=False)
+    student = lb.LittleBirdForMaskedLM(student_config_from_teacher(teacher.config, block_size=8, pack_size=4)).eval()
+    init_student_from_teacher(student, teacher)
+    ids = torch.randint(5, 120, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    real = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        s_out, t_out = student(ids, output_hidden_states=True), teacher(ids, output_hidden_states=True)
+    final = DistillationLoss(kl_weight=0, mlm_weight=0)(s_out, t_out, labels, real)[1]["mse"]
+    both = DistillationLoss(kl_weight=0, mlm_weight=0, layer_map=parse_layer_map("all", 2, 2))(s_out, t_out, labels, real)[1]["mse"]
+
+    def term(i):
+        sh, th = s_out.hidden_states[i].float(), t_out.hidden_states[i].float()
+        return float(torch.nn.functional.mse_loss(sh, th) / th.pow(2).mean())
+
+    assert final == pytest.approx(term(2), rel=1e-5)
+    assert both == pytest.approx((term(2) + term(1)) / 2, rel=1e-5)

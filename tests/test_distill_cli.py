@@ -83,6 +83,9 @@ def test_mask_rate_zero_with_masked_terms_is_a_clear_error(setup):
     res = _distill(root, corpus, out, "--dropout", "1.5")
     assert res.returncode != 0 and "--dropout 1.5 must be in [0, 1)" in res.stderr
     assert not out.exists()
+    res = _distill(root, corpus, out, "--layer-map", "1:3")
+    assert res.returncode != 0 and "teacher layers 1..2" in res.stderr
+    assert not out.exists()
 
 
 def test_mask_rate_zero_distils_hidden_states_on_clean_text(setup):
@@ -101,7 +104,8 @@ def test_mask_rate_zero_distils_hidden_states_on_clean_text(setup):
     assert (masked["labels"] != -100).any()  # the same collate does mask at a positive rate
 
     out = root / "clean"
-    res = _distill(root, corpus, out, "--mask-rate", "0", "--kl-weight", "0", "--mlm-weight", "0", "--dropout", "0")
+    res = _distill(root, corpus, out, "--mask-rate", "0", "--kl-weight", "0", "--mlm-weight", "0", "--dropout", "0",
+                   "--layer-map", "all")
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = AutoModelForMaskedLM.from_pretrained(out / "final").config
     assert cfg.hidden_dropout_prob == 0 and cfg.attention_probs_dropout_prob == 0

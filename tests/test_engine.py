@@ -442,6 +442,31 @@ def test_no_weight_decay_for_biases_layernorms_bialibi(tiny):
     assert len(d) + len(nd) == len(list(model.parameters()))
 
 
+def test_bialibi_lr_scale_gives_the_slopes_their_own_faster_group(tiny):
+    from littlebird_ds import LittleBirdForMaskedLM
+    from littlebird_ds.train.engine import param_groups
+
+    model = LittleBirdForMaskedLM(tiny())
+    groups = param_groups(model, 0.1, bialibi_lr_scale=100.0, lr=1e-4)
+    assert len(groups) == 3
+    names = {id(p): n for n, p in model.named_parameters()}
+    slopes = {names[id(p)] for p in groups[2]["params"]}
+    assert slopes == {n for n in names.values() if "bialibi" in n}
+    assert groups[2]["lr"] == pytest.approx(1e-2) and groups[2]["weight_decay"] == 0.0
+    assert not any("bialibi" in names[id(p)] for g in groups[:2] for p in g["params"])
+    # One AdamW step moves a slope by about its group's lr, the other weights by about lr.
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    ids = torch.randint(5, model.config.vocab_size, (2, 4 * model.config.block_size))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert max(v for n, v in moved.items() if "bialibi" in n) == pytest.approx(1e-2, rel=0.05)
+    assert max(v for n, v in moved.items() if "LayerNorm" in n) == pytest.approx(1e-4, rel=0.05)
+    with pytest.raises(ValueError, match="positive scale"):
+        param_groups(model, 0.1, bialibi_lr_scale=0.0, lr=1e-4)
+
+
 def test_dataset_batches_position_and_sharding():
     from littlebird_ds.train.engine import dataset_batches
 

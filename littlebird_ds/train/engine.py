@@ -115,6 +115,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--lr-decay", choices=("linear", "cosine"), default="linear")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--bialibi-lr-scale", type=float, default=1.0, metavar="X",
+                   help="learning-rate multiplier of LittleBird's BiALiBi slopes (default 1); they are 3 scalars per "
+                        "head that move about --lr per step, so fine-tuning from a model with untrained slopes (a "
+                        "distilled student) needs e.g. 100 for heads to learn left/right preferences")
     g.add_argument("--batch-size", type=int, default=None,
                    help="micro-batch size per data-parallel rank (fills 'auto' in the ds_config; default 8)")
     g.add_argument("--grad-accum", type=int, default=None,
@@ -349,15 +353,29 @@ def _config_from_accelerate_env(base: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases/LayerNorms/BiALiBi/packed sequence at 0."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, *, bialibi_lr_scale: float = 1.0,
+                 lr: float | None = None) -> list[dict]:
+    """AdamW groups: decayed weights, and biases/LayerNorms/BiALiBi/packed sequence at 0.
+
+    With ``bialibi_lr_scale != 1`` the BiALiBi slopes get a third group at ``lr *
+    bialibi_lr_scale``. They are 3 scalars per head behind a softplus, and Adam moves a raw
+    value by about the learning rate per step, so at fine-tuning rates (1e-4) a few hundred
+    steps leave every head's left/right slopes where their shared initialisation put them.
+    """
+    if bialibi_lr_scale != 1.0 and (lr is None or bialibi_lr_scale <= 0):
+        raise ValueError(f"bialibi_lr_scale {bialibi_lr_scale} needs a positive scale and the base lr")
+    decay, no_decay, slopes = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lname = name.lower()
-        (no_decay if p.ndim < 2 or any(m in lname for m in NO_DECAY_MARKERS) else decay).append(p)
+        if bialibi_lr_scale != 1.0 and "bialibi" in lname:
+            slopes.append(p)
+        else:
+            (no_decay if p.ndim < 2 or any(m in lname for m in NO_DECAY_MARKERS) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if slopes:
+        groups.append({"params": slopes, "weight_decay": 0.0, "lr": lr * bialibi_lr_scale})
     return [g for g in groups if g["params"]]
 
 
@@ -595,7 +613,7 @@ class Trainer:
         self.ds_config = resolve_ds_config(a, self.dp_size, source)
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
-        groups = param_groups(model, a.weight_decay)
+        groups = param_groups(model, a.weight_decay, bialibi_lr_scale=getattr(a, "bialibi_lr_scale", 1.0), lr=a.lr)
         schedule = lr_lambda(a.warmup_steps, a.max_steps, a.lr_decay, a.min_lr_ratio)
 
         def scheduler(opt):
