@@ -413,6 +413,20 @@ def test_resume_with_other_tensor_parallel_size_error(tmp_path):
         Trainer._check_resumable(stub, tmp_path)
 
 
+def test_resume_with_other_bialibi_lr_scale_error(tmp_path):
+    from littlebird_ds.train.engine import Trainer
+
+    (tmp_path / "littlebird_checkpoint.json").write_text(json.dumps(
+        {"tensor_parallel": 1, "sequence_parallel": 1, "world_size": 1, "micro_batch": 2, "grad_accum": 1,
+         "bialibi_lr_scale": 30.0}))
+    stub = types.SimpleNamespace(tp=1, sp=1, world=1, dp_size=1, micro_batch=2, grad_accum=1,
+                                 args=types.SimpleNamespace(bialibi_lr_scale=1.0))
+    with pytest.raises(ValueError, match=r"--bialibi-lr-scale 30, this run uses 1; resume with --bialibi-lr-scale 30"):
+        Trainer._check_resumable(stub, tmp_path)
+    stub.args.bialibi_lr_scale = 30.0
+    Trainer._check_resumable(stub, tmp_path)  # the same scale resumes
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces: schedule, weight-decay groups, data positioning, atomic pointer
 # ---------------------------------------------------------------------------------------------

@@ -652,6 +652,7 @@ class Trainer:
             "model_class": type(module).__name__,
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
+            "bialibi_lr_scale": float(getattr(self.args, "bialibi_lr_scale", 1.0)),
         }
 
     def _write_extra(self, tmp: Path) -> None:
@@ -683,6 +684,15 @@ class Trainer:
                 f"{self.tp}; resume with --tensor-parallel {saved_tp}, or run `littlebird-ds export {tag_dir} DIR` "
                 f"to merge the shards into a Hugging Face model and start a new run from DIR with "
                 f"--tensor-parallel {self.tp} (the optimizer state does not carry over)"
+            )
+        saved_scale = float(meta.get("bialibi_lr_scale", 1.0))
+        scale = float(getattr(getattr(self, "args", None), "bialibi_lr_scale", 1.0))
+        if saved_scale != scale:
+            # The slopes' optimizer group exists only when the scale is not 1, and a saved group's
+            # lr would silently override a new value.
+            raise ValueError(
+                f"checkpoint {tag_dir} was saved with --bialibi-lr-scale {saved_scale:g}, this run uses {scale:g}; "
+                f"resume with --bialibi-lr-scale {saved_scale:g}, or start a new run from an exported model"
             )
         # A different SP size is allowed: SP shards activations, not parameters or optimizer state.
         saved_dp = meta.get("world_size", self.world) // (saved_tp * saved_sp)
