@@ -61,19 +61,15 @@ def main() -> None:
     train, val = rows["train"], rows["validation"][: args.eval_windows]
     pad = tok.pad_token_id
     dropout = dict(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    if args.model == "bert" and args.init:
-        from transformers import AutoModelForQuestionAnswering
-
-        model = AutoModelForQuestionAnswering.from_pretrained(args.init, **dropout)
-    elif args.model == "bert":
-        model = build_model("bert", args.preset, len(tok), pad, head="qa",
-                            max_position_embeddings=max(512, args.length), **dropout)
-    elif args.init:
+    if args.init:
         from transformers import AutoModelForQuestionAnswering
 
         import littlebird_ds  # noqa: F401 - registers LittleBird with the Auto classes
 
         model = AutoModelForQuestionAnswering.from_pretrained(args.init, **dropout)
+    elif args.model == "bert":
+        model = build_model("bert", args.preset, len(tok), pad, head="qa",
+                            max_position_embeddings=max(512, args.length), **dropout)
     else:
         model = build_model("littlebird", args.preset, len(tok), pad, head="qa", block_size=args.block_size, **dropout)
     from littlebird_ds.train.engine import param_groups

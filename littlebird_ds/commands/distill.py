@@ -30,9 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mse-weight", type=float, default=1.0, help="weight of the final hidden-state MSE")
     g.add_argument("--layer-map", default=None, metavar="all|S:T,...",
                    help="also match intermediate hidden states (MSE, same weight): 'all' pairs every student layer "
-                        "with the teacher layer at the same relative depth; '3:6,5:10' names the pairs. Matching "
-                        "the early layers teaches the student the teacher's token-alignment features, which the "
-                        "final layer alone does not (see docs/qa.md)")
+                        "with the teacher layer at the same relative depth; '3:6,5:10' names the pairs")
     g.add_argument("--mlm-weight", type=float, default=1.0, help="weight of the student's own span-masking loss")
     d = p.add_argument_group("data")
     d.add_argument("--corpus", required=True, help="corpus path or built-in name (e.g. chichewa-bible)")

@@ -117,8 +117,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--bialibi-lr-scale", type=float, default=1.0, metavar="X",
                    help="learning-rate multiplier of LittleBird's BiALiBi slopes (default 1); they are 3 scalars per "
-                        "head that move about --lr per step, so fine-tuning from a model with untrained slopes (a "
-                        "distilled student) needs e.g. 100 for heads to learn left/right preferences")
+                        "head that move about --lr per step, so at fine-tuning rates they barely leave their "
+                        "initialisation (30 did not speed up QA fine-tuning of a distilled student; docs/qa.md)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="micro-batch size per data-parallel rank (fills 'auto' in the ds_config; default 8)")
     g.add_argument("--grad-accum", type=int, default=None,
