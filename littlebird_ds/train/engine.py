@@ -686,7 +686,7 @@ class Trainer:
                 f"--tensor-parallel {self.tp} (the optimizer state does not carry over)"
             )
         saved_scale = float(meta.get("bialibi_lr_scale", 1.0))
-        scale = float(getattr(getattr(self, "args", None), "bialibi_lr_scale", 1.0))
+        scale = float(getattr(self.args, "bialibi_lr_scale", 1.0))
         if saved_scale != scale:
             # The slopes' optimizer group exists only when the scale is not 1, and a saved group's
             # lr would silently override a new value.
