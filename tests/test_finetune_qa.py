@@ -227,6 +227,19 @@ def test_padding_insertion_keeps_answer_tokens_and_question(tok):
         assert "index_map" not in out
 
 
+def test_max_eval_examples_spread_through_the_file():
+    from littlebird_ds.train.qa_eval import spread_sample
+
+    # 11 documents of 24 questions: the first 64 would cover 3 documents, a spread sample all 11.
+    questions = [f"doc{d}:{q}" for d in range(11) for q in range(24)]
+    picked = spread_sample(questions, 88)
+    assert picked == questions[::3]
+    assert len({q.split(":")[0] for q in spread_sample(questions, 64)}) == 11
+    assert len(spread_sample(questions, 64)) == 64
+    assert spread_sample(questions, None) == questions
+    assert spread_sample(questions, 1000) == questions
+
+
 def test_curriculum_parsing_and_stages():
     from littlebird_ds.train.finetune_qa import parse_curriculum, stage_boundaries
 

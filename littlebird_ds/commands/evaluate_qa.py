@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-answer-tokens", type=int, default=30, help="longest answer in tokens (default 30)")
     parser.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per batch (default 32768)")
     parser.add_argument("--max-examples", type=int, default=None, metavar="N",
-                        help="score only the first N questions of each file")
+                        help="score only N questions of each file, spread evenly through it")
     parser.add_argument("--truncate-question", action="store_true",
                         help="cut questions longer than block 0 (with a warning) instead of failing")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -424,7 +424,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--eval-max-length", type=int, default=DEFAULT_EVAL_MAX_LENGTH,
                    help=f"validation window in tokens (default {DEFAULT_EVAL_MAX_LENGTH}: whole contexts)")
     g.add_argument("--max-eval-examples", type=int, default=None, metavar="N",
-                   help="score only the first N questions of each validation file (default all)")
+                   help="score only N questions of each validation file, spread evenly through it (default all)")
     g.add_argument("--version-2", action="store_true",
                    help="SQuAD v2 (no-answer predictions); on automatically when the training data has them")
     g.add_argument("--truncate-question", action="store_true",

@@ -77,7 +77,7 @@ def run_pi_experiment(
         lengths: evaluation context lengths (the files must exist).
         split: which evaluation split to score (``"test"`` or ``"validation"``).
         max_steps, seed, finetune_args: shared by both runs (flags of ``finetune-qa``).
-        max_eval_examples: score only the first N questions per length (default all).
+        max_eval_examples: score only N questions per length, spread evenly through each file (default all).
         parallel: run the two fine-tunings side by side (fair on a shared machine: both get
             the same share of it) instead of one after the other.
 

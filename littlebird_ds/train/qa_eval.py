@@ -187,6 +187,14 @@ def _label(path: str, examples: Sequence[Mapping[str, Any]]) -> str:
     return Path(path).stem
 
 
+def spread_sample(items: Sequence[Any], n: int | None) -> list[Any]:
+    """``n`` items spread evenly through ``items`` (every ``len // n``-th from the first); all of
+    them when ``n`` is None, 0 or at least ``len(items)``."""
+    if not n or n >= len(items):
+        return list(items)
+    return list(items[:: len(items) // n][:n])
+
+
 def evaluate_files(
     model: Any,
     tokenizer: Any,
@@ -201,15 +209,16 @@ def evaluate_files(
     Returns ``{"files": {path: {"label", "metrics", "predictions"}}, "by_length": {label:
     {"exact_match", "f1", "total"}}, "exact_match", "f1", "total"}``: ``by_length`` merges the
     per-file length breakdowns (a file made for one target length gives one row), and the
-    overall scores weight every question equally. ``max_examples`` keeps the first N
-    questions of each file (a quick look; the default scores them all).
+    overall scores weight every question equally. ``max_examples`` keeps N questions of
+    each file spread evenly through it (every ``len // N``-th, so a quick look samples every
+    document rather than the first few; the default scores them all).
     """
     loaded: list[tuple[str, list[dict[str, Any]]]] = []
     for path in paths:
         examples = load_qa_examples(path)
         if not examples:
             raise ValueError(f"{path} holds no QA examples; pass a SQuAD-format file with questions")
-        loaded.append((os.fspath(path), examples[:max_examples] if max_examples else examples))
+        loaded.append((os.fspath(path), spread_sample(examples, max_examples)))
     # Question budgets too, before any inference: a bad last file should not cost a model pass.
     block = int(_unwrap(model).config.block_size)
     for path, examples in loaded:
