@@ -2,13 +2,15 @@
 
 Stages (each in its own folder under ``OUT``, each skipped when already finished)::
 
-    tokenizer   SentencePiece + HF fast tokenizer trained on the corpus
+    tokenizer   SentencePiece + HF fast tokenizer trained on the corpus (with --teacher: the
+                teacher's own tokenizer, which the student must share)
     teacher     short-input BERT teacher pretrained with span masking (skipped with --teacher)
     distill     LittleBird student initialised from the teacher and distilled from it
     further     further span-masking pretraining of the student on long inputs, Padding Insertion
     qa-data     cloze QA made from the corpus, test sets at several context lengths
     qa          QA fine-tuning of the pretrained student (Padding Insertion), of the same
-                student without Padding Insertion, and of a randomly initialised LittleBird
+                student without Padding Insertion, and of a randomly initialised LittleBird of
+                the student's architecture
     evaluate    EM/F1 of the three QA models at every test length
     report      OUT/report.md + report.json + PNG plots
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +79,9 @@ def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 class Pipeline:
@@ -134,9 +140,42 @@ class Pipeline:
         return self.dir("tokenizer")
 
     def stage_tokenizer(self) -> dict:
+        if self.o.teacher:
+            return self._teacher_tokenizer()
         self._run("tokenizer", ["train-tokenizer", "--corpus", self.o.corpus, "--output", str(self.dir("tokenizer")),
                                 "--vocab-size", str(self.s["vocab_size"])])
         return {"tokenizer": str(self.dir("tokenizer"))}
+
+    def _teacher_tokenizer(self) -> dict:
+        """An existing teacher fixes the vocabulary (spec section 5: teacher and student share the
+        tokenizer), so its tokenizer becomes the pipeline's instead of a newly trained one."""
+        from transformers import AutoTokenizer
+
+        from .train.distill import resolve_teacher_path
+
+        path = resolve_teacher_path(self.o.teacher)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--teacher {self.o.teacher}: {path} is not a directory; pass a Hugging Face "
+                                    "model directory (with its tokenizer) or 'minilm'")
+        hint = "the pipeline reuses the teacher's tokenizer, so the directory must hold one (save_pretrained writes it)"
+        # Checked by file: without one, transformers builds a tokenizer of special tokens only.
+        if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(f"--teacher {self.o.teacher}: no tokenizer loads from {path} (none of "
+                             f"{', '.join(_TOKENIZER_FILES)}); {hint}")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--teacher {self.o.teacher}: no tokenizer loads from {path} ({e}); {hint}") from e
+        if not tok.is_fast:
+            raise ValueError(f"--teacher {self.o.teacher}: its tokenizer is not a fast (Rust) tokenizer, which the "
+                             "QA data and fine-tuning need for character offsets; save a fast one with the model")
+        final = self.dir("tokenizer")
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # an unfinished earlier attempt (no DONE.json)
+        os.replace(tmp, final)
+        return {"tokenizer": str(final), "from_teacher": path, "vocab_size": len(tok)}
 
     def teacher_dir(self) -> Path:
         return Path(self.o.teacher) if self.o.teacher else self.dir("teacher") / "final"
@@ -180,7 +219,8 @@ class Pipeline:
         return {
             "pretrained_pi": pretrained,
             "pretrained_no_pi": pretrained + ["--no-padding-insertion"],
-            "random_pi": ["--preset", self.o.preset, "--tokenizer", str(self.tokenizer_dir())],
+            # The student's architecture with fresh weights: the same model, less the pretraining.
+            "random_pi": pretrained + ["--random-init"],
         }
 
     def stage_qa(self) -> dict:

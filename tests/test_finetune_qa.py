@@ -227,6 +227,28 @@ def test_padding_insertion_keeps_answer_tokens_and_question(tok):
         assert "index_map" not in out
 
 
+def test_random_init_builds_the_models_architecture_with_fresh_weights(model_dir, tok, tmp_path):
+    from littlebird_ds import LittleBirdForQuestionAnswering
+    from littlebird_ds.train.finetune_qa import build_qa_model_factory, finetune_qa
+
+    pretrained = LittleBirdForQuestionAnswering.from_pretrained(model_dir)
+    factory, config = build_qa_model_factory(str(model_dir), None, tok, random_init=True)
+    torch.manual_seed(1)
+    fresh = factory()
+    ours, theirs = fresh.config.to_dict(), pretrained.config.to_dict()
+    ours.pop("_name_or_path"), theirs.pop("_name_or_path")
+    assert ours == theirs
+    a, b = pretrained.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    assert not torch.equal(a["littlebird.embeddings.word_embeddings.weight"],
+                           b["littlebird.embeddings.word_embeddings.weight"])
+    args = _finetune_args(["--preset", "tiny", "--tokenizer", str(model_dir), "--random-init",
+                           "--train", "x.json", "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--random-init takes the architecture of --model DIR"):
+        finetune_qa(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_eval_examples_spread_through_the_file():
     from littlebird_ds.train.qa_eval import spread_sample
 

@@ -83,3 +83,37 @@ def test_report_calls_qa_comparisons_not_shown_when_the_models_are_near_chance(t
                                   "random_pi": {512: 45.0, 4096: 10.0}})
     checks = summarize(tmp_path / "drop", {"qa_length": 512})["checks"]
     assert checks["padding_insertion"]["passed"] is False and checks["pretraining_pays"]["passed"] is False
+
+
+def test_an_existing_teacher_brings_its_tokenizer_and_the_random_baseline_copies_the_student(tmp_path):
+    from transformers import AutoTokenizer
+
+    from littlebird_ds.pipeline import Pipeline, PipelineOptions
+    from littlebird_ds.train.distill import resolve_teacher_path
+
+    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", teacher="minilm"), echo=lambda s: None)
+    assert [name for name, _ in pipe.stages()][:2] == ["tokenizer", "distill"]  # no teacher pretraining
+    info = pipe.stage_tokenizer()
+    theirs = AutoTokenizer.from_pretrained(resolve_teacher_path("minilm"))
+    ours = AutoTokenizer.from_pretrained(info["tokenizer"])
+    assert ours.get_vocab() == theirs.get_vocab() and info["vocab_size"] == len(theirs)
+    assert not (tmp_path / "run" / "tokenizer.tmp").exists()
+    # The random-init QA run is the pretrained model's architecture with fresh weights.
+    runs = pipe.qa_runs()
+    assert runs["random_pi"] == runs["pretrained_pi"] + ["--random-init"]
+
+
+def test_a_teacher_without_a_tokenizer_is_a_clear_error_and_leaves_no_tokenizer(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from littlebird_ds.pipeline import Pipeline, PipelineOptions
+
+    teacher = tmp_path / "teacher"
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(teacher)  # weights only, no tokenizer
+    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", teacher=str(teacher)), echo=lambda s: None)
+    with pytest.raises(ValueError, match="no tokenizer loads from .*the pipeline reuses the teacher's tokenizer"):
+        pipe.stage_tokenizer()
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        Pipeline(PipelineOptions(out=tmp_path / "run", teacher=str(tmp_path / "nothing")), echo=lambda s: None).stage_tokenizer()

@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder of .txt files, a .jsonl file or folder, a saved datasets folder, or 'chichewa-bible'")
     p.add_argument("--language", default="nya", help="language code, recorded in the report (default nya)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--teacher", default=None, help="an existing HF teacher directory (skips teacher pretraining; "
-                                                   "its tokenizer must be the pipeline's)")
+    p.add_argument("--teacher", default=None, help="an existing HF teacher directory, or 'minilm' (skips teacher "
+                                                   "pretraining; its tokenizer becomes the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--launcher", default="", help='prefix for training stages, e.g. "torchrun --nproc_per_node 2"')
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config for the training stages")

@@ -276,9 +276,10 @@ def qa_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
-def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer: Any):
+def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer: Any, random_init: bool = False):
     """``(factory, config)``: a factory building the QA model from ``model_dir`` (pretrained
-    weights; a missing QA head is initialised) or from a preset (random init)."""
+    weights; a missing QA head is initialised; with ``random_init`` only its architecture, with
+    fresh weights) or from a preset (random init)."""
     import littlebird_ds  # noqa: F401 - registers the Auto* classes
     from littlebird_ds import LittleBirdConfig, LittleBirdForQuestionAnswering
 
@@ -291,6 +292,8 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
                 f"the tokenizer has {vocab} tokens but the model at {model_dir} only {config.vocab_size}; "
                 "pass the tokenizer the model was trained with (--tokenizer)"
             )
+        if random_init:
+            return (lambda: LittleBirdForQuestionAnswering(config)), config
 
         def factory():
             with warnings.catch_warnings():
@@ -332,6 +335,8 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
 
     if (args.model is None) == (args.preset is None):
         raise ValueError("pass exactly one of --model DIR (pretrained) or --preset NAME (random init)")
+    if args.random_init and args.model is None:
+        raise ValueError("--random-init takes the architecture of --model DIR; with --preset the weights are random already")
     if args.preset is not None and not args.tokenizer:
         raise ValueError("--preset builds a model from scratch and needs --tokenizer DIR")
     if not 0.0 <= args.padding_insertion <= 1.0:
@@ -340,7 +345,7 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist; pass a SQuAD-format JSON or JSONL file")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, use_fast=True)
-    factory, config = build_qa_model_factory(args.model, args.preset, tokenizer)
+    factory, config = build_qa_model_factory(args.model, args.preset, tokenizer, args.random_init)
     block = int(config.block_size)
     pi = 0.0 if args.no_padding_insertion else float(args.padding_insertion)
     stages_spec = parse_curriculum(args.curriculum, args.max_length)
@@ -407,6 +412,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="DIR", help="pretrained LittleBird directory (MLM or QA)")
     src.add_argument("--preset", metavar="NAME", help="random init from a preset (tiny); needs --tokenizer")
+    g.add_argument("--random-init", action="store_true",
+                   help="with --model: its architecture with fresh random weights (the baseline that shows "
+                        "what pretraining adds)")
     g.add_argument("--tokenizer", metavar="DIR", help="fast tokenizer directory (default: --model)")
     g.add_argument("--train", required=True, metavar="FILE", help="SQuAD-format training file (JSON or JSONL)")
     g.add_argument("--validation", metavar="FILE[,FILE...]", default=None,
