@@ -261,3 +261,29 @@ def test_masked_logits_only_gives_the_same_loss_and_the_selected_logits():
     torch.testing.assert_close(sparse.logits, full.logits[labels != -100])
     with pytest.raises(ValueError, match="needs labels"):
         model(ids, masked_logits_only=True)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "gelu_new", "relu"])
+def test_feed_forward_keeps_its_activation_input_only_and_gradients_are_unchanged(act):
+    from littlebird_ds.model.layers import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(tiny_config(hidden_act=act)).train()
+    x = torch.randn(2, 30, 24, requires_grad=True)
+
+    def run(recompute):
+        ffn.zero_grad()
+        x.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = ffn(x, recompute_activation=recompute)
+        (y * torch.linspace(-1, 1, 24)).sum().backward()
+        wide = sum(t.numel() == 2 * 30 * 48 for t in saved)  # [B, l, f] tensors kept for backward
+        return y.detach(), [x.grad.clone()] + [p.grad.clone() for p in ffn.parameters()], wide
+
+    y1, g1, wide1 = run(True)
+    y0, g0, wide0 = run(False)
+    assert wide1 == 1 and wide0 >= 2, (wide1, wide0)  # h only, against h and act(h) (or more)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -120,15 +120,66 @@ class UnpackSlidingWindowAttention(nn.Module):
         return self.output(merge_heads(out))  # [B, l, d]
 
 
+#: Activations whose backward torch computes from the input alone: ``name -> approximate``.
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
+
+
+class _ActivationFromInput(torch.autograd.Function):
+    """``act(h)`` that keeps only ``h`` for backward (exact and tanh GELU through
+    ``aten.gelu_backward``; any other activation by re-running it under autograd)."""
+
+    @staticmethod
+    def forward(ctx, h, act, approximate):
+        ctx.act, ctx.approximate = act, approximate
+        ctx.save_for_backward(h)
+        return act(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        if ctx.approximate is not None:
+            return torch.ops.aten.gelu_backward(g, h, approximate=ctx.approximate), None, None
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(True)
+            return torch.autograd.grad(ctx.act(h_), h_, g)[0], None, None
+
+
 class FeedForward(nn.Module):
+    """``output(act(intermediate(x)))``. In training it keeps the activation's input ``h`` but
+    not its output ``a`` (both ``[B, l, f]``, the largest tensors of a layer): the output
+    projection's saved input is replaced by a recipe, and backward recomputes ``act(h)``, an
+    elementwise pass, instead. This cuts a layer's saved activations by a sixth. PyTorch's
+    selective activation checkpointing could express the same, but it would replay the
+    output projection's all-reduce under tensor parallelism; saved-tensor hooks act on that
+    one tensor and work unchanged with tensor parallelism and ZeRO-3's parameter hooks."""
+
     def __init__(self, config: LittleBirdConfig):
         super().__init__()
         self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
+        self.approximate = _GELU_APPROXIMATE.get(config.hidden_act)
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.act(self.intermediate(x)))
+    def forward(self, x: torch.Tensor, recompute_activation: bool = True) -> torch.Tensor:
+        h = self.intermediate(x)  # [B, l, f]
+        if not (recompute_activation and torch.is_grad_enabled() and h.requires_grad):
+            return self.output(self.act(h))
+        a = _ActivationFromInput.apply(h, self.act, self.approximate)
+        storage = a.untyped_storage().data_ptr()
+
+        def pack(t: torch.Tensor):
+            if t.untyped_storage().data_ptr() == storage:  # ``a`` or a view of it (linear saves a 2-D view)
+                return t.shape, t.stride(), t.storage_offset()
+            return t
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            with torch.no_grad():
+                return self.act(h).as_strided(*saved)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return self.output(a)
 
 
 class LittleBirdLayer(GradientCheckpointingLayer):
@@ -162,5 +213,7 @@ class LittleBirdLayer(GradientCheckpointingLayer):
             cp = self.pack_attention(p, x, layout)  # [B, s, d]
             p = self.pack_LayerNorm(self.pack_dropout(cp) + p) if self.updates_packed else None
         a = self.attention_LayerNorm(self.dropout(self.attention(x, cp, layout)) + x)  # [B, l, d]
-        x = self.output_LayerNorm(self.dropout(self.ffn(a)) + a)
+        # A checkpointed layer recomputes everything in backward: the FFN keeps no recipe of its own.
+        checkpointed = self.gradient_checkpointing and self.training
+        x = self.output_LayerNorm(self.dropout(self.ffn(a, recompute_activation=not checkpointed)) + a)
         return x, p
