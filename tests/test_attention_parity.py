@@ -12,7 +12,7 @@ from littlebird_ds.model.layout import BlockLayout, padded_length
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _case(lengths, block, pack, heads, dh=8, seed=0, first_token="constant", inserted_pads=False):
+def _case(lengths, block, pack, heads, dh=8, seed=0, first_token="constant", inserted_pads=False, slope_shift=-2.0):
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
     l = padded_length(max(lengths), block)
@@ -35,7 +35,7 @@ def _case(lengths, block, pack, heads, dh=8, seed=0, first_token="constant", ins
     bialibi = BiALiBi(heads, first_token)
     with torch.no_grad():  # random non-negative slopes, not just the initial ALiBi ones
         for p in (bialibi.alpha_raw, bialibi.beta_raw, bialibi.gamma_raw):
-            p.copy_(torch.randn(heads, generator=g) - 2)
+            p.copy_(torch.randn(heads, generator=g) + slope_shift)
     return (q, k, v, kp, vp), bialibi, layout, mask
 
 
@@ -88,6 +88,15 @@ def test_kernel_matches_dense_with_inserted_padding(kernel):
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_kernel_matches_dense_with_linear_first_token_bias(kernel):
     _check([48, 33], 8, 4, 2, kernel, first_token="linear")
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_kernel_matches_dense_when_most_scores_lie_far_below_the_row_maximum(kernel):
+    """Steep BiALiBi slopes over long distances: most scores are 30+ below their row's maximum,
+    where the blocked kernel's softmax floor acts (see ``blocked._FLOOR``)."""
+    _, bialibi, _, _ = _case([200, 131], 8, 4, 3, slope_shift=1.5, inserted_pads=True)
+    assert min(float(t.min()) for t in bialibi.slopes()) > 0.5  # 60+ positions away: 30+ below
+    _check([200, 131], 8, 4, 3, kernel, slope_shift=1.5, inserted_pads=True)
 
 
 def test_blocked_kernel_matches_dense_for_same_length_batch_and_exactly_four_blocks():
