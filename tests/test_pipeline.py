@@ -117,3 +117,20 @@ def test_a_teacher_without_a_tokenizer_is_a_clear_error_and_leaves_no_tokenizer(
     assert not (tmp_path / "run" / "tokenizer").exists()
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         Pipeline(PipelineOptions(out=tmp_path / "run", teacher=str(tmp_path / "nothing")), echo=lambda s: None).stage_tokenizer()
+
+
+def test_distillation_reads_clean_text_and_matches_states_only_when_the_teacher_has_no_mlm_head(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    from littlebird_ds.pipeline import Pipeline, PipelineOptions
+
+    def loss_args(teacher):
+        return Pipeline(PipelineOptions(out=tmp_path / "run", teacher=str(teacher)), echo=lambda s: None).distill_loss_args()
+
+    clean = ["--mask-rate", "0", "--kl-weight", "0", "--mlm-weight", "0", "--mse-weight", "1"]
+    assert loss_args("minilm") == clean  # all-MiniLM-L6-v2 ships without an MLM head
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(cfg).save_pretrained(tmp_path / "encoder")
+    BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    assert loss_args(tmp_path / "encoder") == clean
+    assert loss_args(tmp_path / "mlm") == []  # span masking with KL, MSE and the student's own MLM loss

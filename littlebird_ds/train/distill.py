@@ -235,6 +235,19 @@ def resolve_teacher_path(teacher: str) -> str:
     return teacher
 
 
+def _mlm_head_missing(loading_info: dict) -> bool:
+    return any("embeddings" not in k for k in loading_info["missing_keys"])
+
+
+def teacher_has_mlm_head(teacher: str) -> bool:
+    """Whether the teacher checkpoint (a folder or ``minilm``) carries masked-LM head weights,
+    which the KL term needs. Without them distillation is hidden-state only."""
+    from transformers import AutoModelForMaskedLM
+
+    _, info = AutoModelForMaskedLM.from_pretrained(resolve_teacher_path(teacher), output_loading_info=True)
+    return not _mlm_head_missing(info)
+
+
 def load_teacher(path: str) -> nn.Module:
     """The teacher in eval mode with frozen weights: its masked-LM model when the checkpoint
     has MLM head weights (KL term), else its encoder (hidden-state terms only)."""
@@ -246,8 +259,7 @@ def load_teacher(path: str) -> nn.Module:
         raise FileNotFoundError(f"teacher directory {path} does not exist; pass a Hugging Face model directory "
                                 "(e.g. OUT/final of `littlebird-ds pretrain --model bert`) or 'minilm'")
     model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-    head_missing = [k for k in info["missing_keys"] if "embeddings" not in k]
-    if head_missing:  # no MLM head in the checkpoint: a randomly initialised head would teach noise
+    if _mlm_head_missing(info):  # no MLM head in the checkpoint: a randomly initialised head would teach noise
         model = AutoModel.from_pretrained(path)
     model.eval()
     for p in model.parameters():
