@@ -232,6 +232,13 @@ def _md_table(runs: dict[str, dict[int, dict]]) -> str:
     return head + rows
 
 
+def _distill_loss(out: Path) -> str:
+    try:
+        return json.loads((out / "distill" / "DONE.json").read_text()).get("loss", "unknown")
+    except (OSError, ValueError):
+        return "unknown"
+
+
 def write_report(out: Path, settings: dict, options=None) -> dict[str, Path]:
     out = Path(out)
     curves = read_curves(out)
@@ -241,7 +248,9 @@ def write_report(out: Path, settings: dict, options=None) -> dict[str, Path]:
     f1_png = _plot_f1(out, summary["qa_f1_by_length"], int(settings.get("qa_length", 512)))
     lines = ["# littlebird-ds pipeline report", ""]
     if options is not None:
-        lines += [f"Corpus `{options.corpus}` (language `{options.language}`), preset `{options.preset}`, seed {options.seed}.", ""]
+        lines += [f"Corpus `{options.corpus}` (language `{options.language}`), preset `{options.preset}`, seed {options.seed}."
+                  + (f" Teacher `{options.teacher}`, given (not trained here); the distill stage's loss: "
+                     f"{_distill_loss(out)}." if getattr(options, "teacher", None) else ""), ""]
     lines += ["## Results the recipe must show", ""]
     names = {"padding_insertion": "Padding Insertion keeps F1 at long contexts and beats no Padding Insertion",
              "distillation": "Distillation: student hidden states close to the teacher's (cosine >= 0.9)",
@@ -261,6 +270,8 @@ def write_report(out: Path, settings: dict, options=None) -> dict[str, Path]:
     lines += ["## Training", "", "| stage | final train loss | final validation metrics |", "| --- | --- | --- |"]
     for k, v in summary["final_losses"].items():
         ev = summary["final_eval"].get(k) or {}
+        if v is None and not ev:  # a stage that did not run (the teacher, when one was given)
+            continue
         lines.append(f"| {k} | {v if v is None else f'{v:.3f}'} | " + ", ".join(f"{kk}={vv:.4g}" if isinstance(vv, float) else f"{kk}={vv}" for kk, vv in ev.items()) + " |")
     if loss_png:
         lines += ["", f"![loss curves]({loss_png.name})"]

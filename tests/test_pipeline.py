@@ -24,8 +24,8 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _pipeline(out, corpus):
-    cmd = [sys.executable, "-m", "littlebird_ds.cli", "pipeline", "--out", str(out), "--corpus", str(corpus)]
+def _pipeline(out, corpus, *extra):
+    cmd = [sys.executable, "-m", "littlebird_ds.cli", "pipeline", "--out", str(out), "--corpus", str(corpus), *extra]
     for s in TINY:
         cmd += ["--set", s]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1500)
@@ -48,6 +48,23 @@ def test_pipeline_runs_every_stage_writes_a_report_and_resumes(corpus, tmp_path)
     res = _pipeline(out, corpus)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "teacher" / "DONE.json").read_text() == before
+
+
+def test_pipeline_with_the_minilm_teacher_skips_teacher_training_and_distills_on_clean_text(corpus, tmp_path):
+    out = tmp_path / "run"
+    res = _pipeline(out, corpus, "--teacher", "minilm")
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    for stage in ("tokenizer", "distill", "further", "qa-data", "qa", "evaluate", "report"):
+        assert (out / stage / "DONE.json").exists(), stage
+    assert not (out / "teacher").exists()
+    assert json.loads((out / "distill" / "DONE.json").read_text())["loss"] == "hidden-state MSE on clean text"
+    assert "--mask-rate 0 --kl-weight 0 --mlm-weight 0" in (out / "distill" / "log.txt").read_text()
+    assert json.loads((out / "distill" / "final" / "config.json").read_text())["hidden_size"] == 384  # MiniLM's width
+    report = json.loads((out / "report.json").read_text())
+    assert {"padding_insertion", "distillation", "pretraining_pays"} <= set(report["checks"])
+    assert 0 < report["checks"]["distillation"]["final_hidden_cosine"] <= 1
+    md = (out / "report.md").read_text()
+    assert "Teacher `minilm`, given (not trained here)" in md and "| teacher |" not in md
 
 
 def test_unknown_setting_is_a_clear_error(tmp_path):
