@@ -17,8 +17,9 @@ Stages (each in its own folder under ``OUT``, each skipped when already finished
 Every stage runs as a child process of the ``littlebird-ds`` console script (the training
 engine owns its process group and exits the process when done), with its output in
 ``OUT/<stage>/log.txt``; a stage is finished when ``OUT/<stage>/DONE.json`` exists, which is
-written atomically last. A failed stage leaves no ``DONE.json``: rerunning the pipeline
-resumes there.
+written atomically last. A failed or interrupted stage leaves no ``DONE.json``: rerunning the
+pipeline resumes there, and a training stage continues from its last checkpoint (saved every
+``max(50, steps / 4)`` steps), not from step 0.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ class Pipeline:
 
     def _train_common(self, out: Path, steps: int) -> list[str]:
         s = self.s
-        return ["--out", str(out), "--max-steps", str(steps), "--seed", str(self.o.seed),
+        # --resume: a training stage stopped part-way continues from its last checkpoint when the
+        # pipeline is rerun (with none, it starts at step 0).
+        return ["--out", str(out), "--max-steps", str(steps), "--seed", str(self.o.seed), "--resume",
                 "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
                 "--save-every", str(max(50, steps // 4)), "--log-every", "10", "--eval-every", str(max(50, steps // 4))]
 

@@ -48,6 +48,12 @@ def test_pipeline_runs_every_stage_writes_a_report_and_resumes(corpus, tmp_path)
     res = _pipeline(out, corpus)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "teacher" / "DONE.json").read_text() == before
+    # An unfinished training stage continues from its last checkpoint, not from step 0.
+    (out / "further" / "DONE.json").unlink()
+    res = _pipeline(out, corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "--resume: continuing from step 4 of 4" in (out / "further" / "log.txt").read_text()
+    assert (out / "further" / "DONE.json").exists()
 
 
 def test_pipeline_with_the_minilm_teacher_skips_teacher_training_and_distills_on_clean_text(corpus, tmp_path):

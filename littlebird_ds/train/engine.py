@@ -736,6 +736,8 @@ class Trainer:
                 self._check_resumable(ckpt.root / tag)
                 client = ckpt.load(self.engine, tag)
                 step = int(client["step"])
+                if self.rank == 0:
+                    print(f"--resume: continuing from step {step} of {a.max_steps} ({ckpt.root / tag})", flush=True)
         ckpt.clean_stale()
         if step == 0 and not a.resume and self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run: do not append to an old log
