@@ -127,6 +127,29 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
+    def prepare_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
+        """Check the inputs, fill the default mask and token types, pad to whole blocks.
+
+        Returns ``(padded {input_ids, token_type_ids, inputs_embeds} [B, l, ...], layout, L)``
+        with ``L`` the input length. Shared with the sequence-parallel forward.
+        """
+        cfg = self.config
+        validate_inputs(cfg, input_ids, attention_mask, token_type_ids, inputs_embeds)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, L = ref.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=ref.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(B, L, dtype=torch.long, device=ref.device)
+        padded, mask, L = pad_to_blocks(
+            {"input_ids": input_ids, "token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds},
+            attention_mask,
+            cfg.block_size,
+            pad_values={"input_ids": cfg.pad_token_id},
+            multiple=self.pad_multiple,
+        )
+        return padded, BlockLayout.build(mask, cfg.block_size), L
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -138,22 +161,8 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
         **kwargs,
     ):
         cfg = self.config
-        validate_inputs(cfg, input_ids, attention_mask, token_type_ids, inputs_embeds)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        B, L = ref.shape[:2]
-        device = ref.device
-        if attention_mask is None:
-            attention_mask = torch.ones(B, L, dtype=torch.long, device=device)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros(B, L, dtype=torch.long, device=device)
-        padded, mask, L = pad_to_blocks(
-            {"input_ids": input_ids, "token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds},
-            attention_mask,
-            cfg.block_size,
-            pad_values={"input_ids": cfg.pad_token_id},
-            multiple=self.pad_multiple,
-        )
-        layout = BlockLayout.build(mask, cfg.block_size)
+        padded, layout, L = self.prepare_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        B = layout.key_mask.shape[0]
         x = self.embeddings(padded["input_ids"], padded["token_type_ids"], padded["inputs_embeds"])  # [B, l, d]
         p = None if self.packed_init is None else self.packed_init.to(x.dtype).unsqueeze(0).expand(B, -1, -1)  # [B, s, d]
         hidden = [x] if output_hidden_states else None

@@ -54,13 +54,12 @@ import torch.distributed as dist
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput, QuestionAnsweringModelOutput
 
-from ..model.layout import BlockLayout, pad_to_blocks
+from ..model.layout import BlockLayout
 from ..model.modeling import (
     LittleBirdForMaskedLM,
     LittleBirdForQuestionAnswering,
     LittleBirdModel,
     LittleBirdModelOutput,
-    validate_inputs,
 )
 from .groups import ParallelState
 from .mappings import (
@@ -169,20 +168,8 @@ def encode(model: LittleBirdModel, state: ParallelState, input_ids=None, attenti
 
     Returns ``(x [B, t, d], hidden states as [B, t, d] or None, L, l)``.
     """
-    cfg = model.config
-    validate_inputs(cfg, input_ids, attention_mask, token_type_ids, inputs_embeds)
-    ref = input_ids if input_ids is not None else inputs_embeds
-    B, L = ref.shape[:2]
-    if attention_mask is None:
-        attention_mask = torch.ones(B, L, dtype=torch.long, device=ref.device)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros(B, L, dtype=torch.long, device=ref.device)
-    padded, mask, L = pad_to_blocks(
-        {"input_ids": input_ids, "token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds},
-        attention_mask, cfg.block_size, pad_values={"input_ids": cfg.pad_token_id}, multiple=model.pad_multiple,
-    )
-    layout = BlockLayout.build(mask, cfg.block_size)  # the full sequence, on every rank
-    l = mask.shape[1]
+    padded, layout, L = model.prepare_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+    B, l = layout.key_mask.shape  # the layout covers the full sequence, on every rank
     x = model.embeddings(*(_local_slice(padded[k], state) for k in ("input_ids", "token_type_ids", "inputs_embeds")))
     p = None if model.packed_init is None else model.packed_init.to(x.dtype).unsqueeze(0).expand(B, -1, -1)  # [B, s, d]
     hidden = [x] if output_hidden_states else None
