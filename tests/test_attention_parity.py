@@ -138,7 +138,10 @@ def test_blocked_kernel_dropout_gradients_match_autograd_through_the_same_mask()
 
 def _differentiable_scores(blocked, qs, kg, kw, slopes, pat, layout, s):
     # _scores works in place; on fresh (non-leaf) tensors autograd tracks it all the same.
-    return blocked._scores(qs, kg, kw, slopes, pat, layout, s)
+    B, H, l, dh = qs.shape
+    b = layout.block_size
+    sw = torch.matmul(qs.view(B, H, -1, b, dh), kw.transpose(-1, -2))  # the raw window products
+    return blocked._scores(qs, kg, sw, slopes, pat, layout, s)
 
 
 def test_window_shifts_inward_per_sequence_at_edges():

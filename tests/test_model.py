@@ -287,3 +287,19 @@ def test_feed_forward_keeps_its_activation_input_only_and_gradients_are_unchange
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_blocked_kernel_model_equals_eager_kernel_model_in_outputs_and_gradients():
+    """The model's q, k, v are head views of the projections (strided), which the blocked
+    kernel reads its windows from without copying; the eager kernel is the reference."""
+    ids = _ids(2, 100)  # same length: every interior window comes from the strided view
+    results = []
+    for kernel in ("eager", "blocked"):
+        torch.manual_seed(0)
+        model = lb.LittleBirdModel(tiny_config(attention_kernel=kernel))
+        out = model(input_ids=ids).last_hidden_state
+        out.pow(2).mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
