@@ -3,8 +3,9 @@
 Same math as ``eager`` (spec section 3), organised for speed and memory:
 
 * Keys every query sees (packed keys and block 0) are one ``[s + b]`` key set, so their
-  scores are one large matmul ``q @ [kp; k0]^T`` over all ``l`` queries; only the
-  three-block window is gathered per query block.
+  scores are one large matmul ``q @ [kp; k0]^T`` over all ``l`` queries. The three-block
+  windows of interior blocks are read from a strided view of ``k`` and ``v`` (consecutive
+  windows overlap by two blocks); only edge blocks gather theirs (``_window_matmul``).
 * BiALiBi is linear in the slopes: ``D = alpha F + beta L + gamma R`` with position
   patterns ``F, L, R`` that depend only on the layout. The patterns are built once per
   forward (``BlockLayout.cache``) and shared by all layers; a layer's bias is one small
