@@ -73,6 +73,7 @@ def _check(lengths, block, pack, heads, kernel="eager", **kw):
         ([50, 7], 4, 6, 3),  # head count not a power of two
         ([72, 30], 8, 0, 2),  # pack_size = 0
         ([100], 16, 16, 5),
+        ([1100], 8, 4, 2),  # long enough for the blocked kernel's strided windows
     ],
 )
 @pytest.mark.parametrize("kernel", list(KERNELS))

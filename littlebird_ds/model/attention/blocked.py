@@ -38,6 +38,10 @@ _NEG = torch.finfo(torch.float32).min  # finite: a fully masked row stays finite
 #: denormal numbers, which x86 CPUs process 5-20x slower, and denormal probabilities slow
 #: the following matmuls by up to 100x (a 16k-token training step: 30% of its time).
 _FLOOR = -30.0
+#: Strided windows cost one ``bmm`` call per (row, head); below this many interior query tokens
+#: per call the calls' overhead outweighs the saved copy (short training windows, large
+#: batches), and the windows are gathered instead.
+_STRIDED_MIN_TOKENS = 1024
 
 
 def _unit_patterns(qpos: torch.Tensor, kpos: torch.Tensor, first_token: str) -> torch.Tensor:
@@ -158,12 +162,13 @@ def _window_matmul(a: torch.Tensor, x: torch.Tensor, pat: dict, b: int, keys: bo
     ``x``, consecutive windows overlapping by two blocks, with one ``bmm`` per (row, head):
     no ``[n, 3b, dh]`` copy of the keys or values (gathering it and the matmul's own
     re-layout took 2.4x the time at 16k tokens). The few edge blocks gather their windows,
-    and so does a batch whose rows have different windows. Inside the kernel only: ``out=``
+    and so do a batch whose rows have different windows and short inputs
+    (``_STRIDED_MIN_TOKENS``). Inside the kernel only: ``out=``
     has no autograd."""
     B, H, l, dh = x.shape
     n = l // b
     rng = pat["interior_range"]
-    if rng is None or x.stride(-1) != 1:
+    if rng is None or (rng[1] - rng[0]) * b < _STRIDED_MIN_TOKENS or x.stride(-1) != 1:
         xw = _gather_window(x.view(B, H, n, b, dh), pat)  # [B, H, n, 3b, dh]
         return torch.matmul(a, xw.transpose(-1, -2) if keys else xw)
     lo, hi = rng
