@@ -75,6 +75,10 @@ def _patterns(layout: BlockLayout, first_token: str, device: torch.device) -> di
     uniform = bool((wb == wb[:1]).all())
     interior = delta == 1  # [B, n]
     has_pad = not bool(layout.key_mask.all())
+    interior_range = _interior_range(interior) if uniform else None
+    blocks = torch.arange(n, device=device)
+    # Blocks outside the interior range (all of them without one): indexed one by one.
+    edge = blocks if interior_range is None else torch.cat([blocks[: interior_range[0]], blocks[interior_range[1] :]])
     out = dict(
         p0=p0.reshape(3, l * b),  # [3, l*b]
         pw=pw.reshape(3, -1),  # [3, U*b*3b]
@@ -83,7 +87,9 @@ def _patterns(layout: BlockLayout, first_token: str, device: torch.device) -> di
         num_shifts=len(shifts),
         shift_index=inverse,  # [B, n]
         interior=interior,
-        interior_range=_interior_range(interior) if uniform else None,
+        interior_range=interior_range,
+        edge=edge,  # [e]
+        edge_windows=wb[0, edge].reshape(-1),  # [3e] window blocks of the edge blocks (uniform batches)
         wb=wb,
         uniform=uniform,
         has_pad=has_pad,
@@ -130,15 +136,14 @@ def _scatter_window(gw: torch.Tensor, pat: dict, out_b: torch.Tensor) -> None:
 def _window_bias_add(sw: torch.Tensor, table: torch.Tensor, pat: dict, sign: float = 1.0) -> None:
     """``sw [B, H, n, b, 3b] += sign * table[:, shift of each block]`` with ``table [H, U, b, 3b]``;
     the interior blocks add one broadcast view, the few edge blocks are indexed."""
-    B, H, n = sw.shape[:3]
+    B = sw.shape[0]
     rng = pat["interior_range"]
+    edge = pat["edge"]
     for r in range(B):
         idx = pat["shift_index"][r]  # [n]
-        edge = torch.arange(n, device=sw.device)
         if rng is not None:
             lo, hi = rng
             sw[r, :, lo:hi].add_(table[:, idx[lo]].unsqueeze(1), alpha=sign)  # [H, 1, b, 3b] over the blocks
-            edge = torch.cat([edge[:lo], edge[hi:]])
         if len(edge):
             sw[r, :, edge] += sign * table[:, idx[edge]]  # [H, e, b, 3b]
 
@@ -179,9 +184,9 @@ def _window_matmul(a: torch.Tensor, x: torch.Tensor, pat: dict, b: int, keys: bo
             xh = x[r, h]  # [l, dh]
             win = xh.as_strided((hi - lo, 3 * b, dh), (b * step, step, 1), xh.storage_offset() + (lo - 1) * b * step)
             torch.bmm(a[r, h, lo:hi], win.transpose(1, 2) if keys else win, out=out[r, h, lo:hi])
-    edge = torch.cat([torch.arange(lo, device=x.device), torch.arange(hi, n, device=x.device)])
+    edge = pat["edge"]
     if len(edge):
-        xw = x.view(B, H, n, b, dh).index_select(2, pat["wb"][0, edge].reshape(-1)).view(B, H, len(edge), 3 * b, dh)
+        xw = x.view(B, H, n, b, dh).index_select(2, pat["edge_windows"]).view(B, H, len(edge), 3 * b, dh)
         out[:, :, edge] = torch.matmul(a[:, :, edge], xw.transpose(-1, -2) if keys else xw)
     return out
 
