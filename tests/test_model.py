@@ -289,9 +289,13 @@ def test_feed_forward_keeps_its_activation_input_only_and_gradients_are_unchange
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_blocked_kernel_model_equals_eager_kernel_model_in_outputs_and_gradients(monkeypatch):
+@pytest.mark.parametrize("heads,checkpointing", [(3, False), (1, False), (3, True)])
+def test_blocked_kernel_model_equals_eager_kernel_model_in_outputs_and_gradients(monkeypatch, heads, checkpointing):
     """The model's q, k, v are head views of the projections (strided), which the blocked
-    kernel reads its windows from without copying; the eager kernel is the reference."""
+    kernel reads its windows from without copying; the eager kernel is the reference. Three
+    layers share the blocked kernel's scratch buffers: a saved or returned tensor left in one
+    (one head makes the head merge a no-op; checkpointing replays forwards inside backward)
+    would be overwritten by the next layer and break the gradients."""
     from littlebird_ds.model.attention import blocked
 
     monkeypatch.setattr(blocked, "_STRIDED_MIN_TOKENS", 0)  # strided windows at this short length too
@@ -299,7 +303,9 @@ def test_blocked_kernel_model_equals_eager_kernel_model_in_outputs_and_gradients
     results = []
     for kernel in ("eager", "blocked"):
         torch.manual_seed(0)
-        model = lb.LittleBirdModel(tiny_config(attention_kernel=kernel))
+        model = lb.LittleBirdModel(tiny_config(attention_kernel=kernel, num_attention_heads=heads, num_hidden_layers=3))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         out = model(input_ids=ids).last_hidden_state
         out.pow(2).mean().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))

@@ -17,6 +17,9 @@ Same math as ``eager`` (spec section 3), organised for speed and memory:
   probabilities. No ``[l, s + 4b]`` tensor outlives the layer's forward. The output is
   returned in token-major memory, so merging heads for the output projection copies nothing
   and the projection's saved input is the tensor saved here.
+* The score-sized temporaries (scores, their gradients, the window gradients) live in
+  scratch buffers shared by every layer's forward and backward of one model call
+  (``_Scratch``), instead of being allocated anew in each.
 
 Shapes as in ``attention/__init__.py``; also ``K = s + b`` global keys, ``U`` distinct window
 shifts.
@@ -42,6 +45,37 @@ _FLOOR = -30.0
 #: per call the calls' overhead outweighs the saved copy (short training windows, large
 #: batches), and the windows are gathered instead.
 _STRIDED_MIN_TOKENS = 1024
+
+
+class _Scratch:
+    """Named fp32 buffers for the kernel's temporaries, shared by every layer of one model call
+    (kept in ``BlockLayout.cache``, so they live as long as the call's autograd graph).
+
+    The layers run one at a time, forward and backward alike (activation checkpointing
+    recomputes a layer's forward only after the later layer's backward has returned), and
+    nothing saved for backward or returned lives in a buffer, so one set serves all layers.
+    Why: on CPU, glibc hands every block above 32 MiB (every block, with
+    ``release_freed_memory``) back to the OS when it is freed, so each fresh score tensor
+    costs a page fault per 4 KiB on first touch: at 16k tokens the step faulted 5.6 GiB in
+    fresh pages, about 2 s of an 8 s step. Torch has no CPU caching allocator to ask instead.
+    On GPU the caching allocator would reuse the blocks anyway; sharing them costs nothing."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def of(layout: BlockLayout, device: torch.device) -> "_Scratch":
+        return layout.cache.setdefault(("blocked-scratch", str(device)), _Scratch())
+
+    def get(self, name: str, *shape: int, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised fp32 tensor of ``shape`` on ``like``'s device, in buffer ``name``."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=like.device)
+        return buf[:numel].view(shape)
 
 
 def _unit_patterns(qpos: torch.Tensor, kpos: torch.Tensor, first_token: str) -> torch.Tensor:
@@ -158,7 +192,8 @@ def _window_bias_grad(ds_w: torch.Tensor, pat: dict) -> torch.Tensor:
     return out
 
 
-def _window_matmul(a: torch.Tensor, x: torch.Tensor, pat: dict, b: int, keys: bool) -> torch.Tensor:
+def _window_matmul(a: torch.Tensor, x: torch.Tensor, pat: dict, b: int, keys: bool,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Every query block times its three window blocks of ``x [B, H, l, dh]``: with ``keys``,
     ``a [B, H, n, b, dh] @ window^T`` -> ``[B, H, n, b, 3b]``; else ``a [B, H, n, b, 3b] @
     window`` -> ``[B, H, n, b, dh]``.
@@ -168,16 +203,17 @@ def _window_matmul(a: torch.Tensor, x: torch.Tensor, pat: dict, b: int, keys: bo
     no ``[n, 3b, dh]`` copy of the keys or values (gathering it and the matmul's own
     re-layout took 2.4x the time at 16k tokens). The few edge blocks gather their windows,
     and so do a batch whose rows have different windows and short inputs
-    (``_STRIDED_MIN_TOKENS``). Inside the kernel only: ``out=``
-    has no autograd."""
+    (``_STRIDED_MIN_TOKENS``). The result goes to ``out`` when given. Inside the kernel only:
+    ``out=`` has no autograd."""
     B, H, l, dh = x.shape
     n = l // b
     rng = pat["interior_range"]
     if rng is None or (rng[1] - rng[0]) * b < _STRIDED_MIN_TOKENS or x.stride(-1) != 1:
         xw = _gather_window(x.view(B, H, n, b, dh), pat)  # [B, H, n, 3b, dh]
-        return torch.matmul(a, xw.transpose(-1, -2) if keys else xw)
+        return torch.matmul(a, xw.transpose(-1, -2) if keys else xw, out=out)
     lo, hi = rng
-    out = a.new_empty(B, H, n, b, 3 * b if keys else dh)
+    if out is None:
+        out = a.new_empty(B, H, n, b, 3 * b if keys else dh)
     step = x.stride(2)  # between tokens
     for r in range(B):
         for h in range(H):
@@ -191,25 +227,35 @@ def _window_matmul(a: torch.Tensor, x: torch.Tensor, pat: dict, b: int, keys: bo
     return out
 
 
-def _scores(qs, kg, sw, slopes, pat, layout, s):
+def _scores(qs, kg, sw, slopes, pat, layout, s, sg_out=None, bias_out=None):
     """Biased, masked scores ``(sg [B, H, l, K], sw [B, H, n, b, 3b])`` fp32 from ``qs`` (pre-scaled)
-    and ``sw``, the raw window products ``q . k`` (biased and masked in place)."""
+    and ``sw``, the raw window products ``q . k`` (biased and masked in place); ``sg`` goes to
+    ``sg_out`` and the block-0 bias to ``bias_out`` when given."""
     alpha, beta, gamma = slopes
     B, H, l, dh = qs.shape
     b, n = layout.block_size, layout.num_blocks
     sl = torch.stack([alpha, beta, gamma], dim=1)  # [H, 3]
-    sg = torch.matmul(qs, kg.transpose(-1, -2)).float()  # [B, H, l, K]
+    sg = torch.matmul(qs, kg.transpose(-1, -2), out=sg_out).float()  # [B, H, l, K]
+    # sub_ on the slice, not ``-=``: that would also copy the slice onto itself.
     if s:
-        sg[..., :s] -= ((beta + gamma) / 2 * b).view(1, H, 1, 1)
-    sg[..., s:] -= (sl @ pat["p0"]).view(1, H, l, b)  # BiALiBi to block 0
+        sg[..., :s].sub_(((beta + gamma) / 2 * b).view(1, H, 1, 1))
+    sg[..., s:].sub_(torch.mm(sl, pat["p0"], out=bias_out).view(1, H, l, b))  # BiALiBi to block 0
     table = (sl @ pat["pw"]).view(H, pat["num_shifts"], b, 3 * b)  # [H, U, b, 3b]
     _window_bias_add(sw, table, pat, sign=-1.0)
     # Query 0 ([CLS]) sits at distance alpha from every key, not at its shift-table distance.
-    sw[:, :, 0, 0] += (table[:, pat["block0_shift"], 0] - sl @ pat["q0"]).unsqueeze(0)
+    sw[:, :, 0, 0].add_((table[:, pat["block0_shift"], 0] - sl @ pat["q0"]).unsqueeze(0))
     if pat["has_pad"]:
         sg[..., s:].masked_fill_(~pat["key_mask0"].view(B, 1, 1, b), _NEG)
         sw.masked_fill_(~pat["window_mask"].view(B, 1, n, 1, 3 * b), _NEG)
     return sg, sw
+
+
+def _buffers(layout: BlockLayout, q: torch.Tensor):
+    """``buf(name, *shape)``: a scratch buffer for fp32 inputs; ``None`` (allocate) otherwise."""
+    if q.dtype != torch.float32:
+        return lambda name, *shape: None
+    scratch = _Scratch.of(layout, q.device)
+    return lambda name, *shape: scratch.get(name, *shape, like=q)
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -219,12 +265,16 @@ class _BlockedAttention(torch.autograd.Function):
         b, n = layout.block_size, layout.num_blocks
         s = 0 if kp is None else kp.shape[2]
         pat = _patterns(layout, first_token, q.device)
-        qs = q * dh**-0.5  # [B, H, l, dh] contiguous
+        buf = _buffers(layout, q)
+        K = s + b
+        qs = torch.mul(q, dh**-0.5, out=buf("qs", B, H, l, dh))  # [B, H, l, dh] contiguous
         kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
         kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
         vg = vb[:, :, 0] if vp is None else torch.cat([vp, vb[:, :, 0]], dim=2)
-        sw = _window_matmul(qs.view(B, H, n, b, dh), k, pat, b, keys=True).float()  # [B, H, n, b, 3b]
-        sg, sw = _scores(qs, kg, sw, (alpha, beta, gamma), pat, layout, s)
+        sw = _window_matmul(qs.view(B, H, n, b, dh), k, pat, b, keys=True,
+                            out=buf("sw", B, H, n, b, 3 * b)).float()  # [B, H, n, b, 3b]
+        sg, sw = _scores(qs, kg, sw, (alpha, beta, gamma), pat, layout, s, sg_out=buf("sg", B, H, l, K),
+                         bias_out=buf("bias0", H, l * b))
         # One softmax over [global keys | window keys], computed in place.
         m = torch.maximum(sg.amax(-1), sw.amax(-1).view(B, H, l))  # [B, H, l]
         pg = sg.sub_(m.unsqueeze(-1)).clamp_(min=_FLOOR).exp_()
@@ -243,11 +293,12 @@ class _BlockedAttention(torch.autograd.Function):
             pw.mul_(mw).div_(keep)
             masks = (mg, mw)
         pg, pw = pg.to(v.dtype), pw.to(v.dtype)
-        out = torch.matmul(pg, vg)  # [B, H, l, dh]
-        out += _window_matmul(pw, v, pat, b, keys=False).view(B, H, l, dh)
+        out = torch.matmul(pg, vg, out=buf("og", B, H, l, dh))  # [B, H, l, dh]
+        out += _window_matmul(pw, v, pat, b, keys=False, out=buf("ow", B, H, n, b, dh)).view(B, H, l, dh)
         # Token-major memory ([B, l, H, dh] behind the [B, H, l, dh] view): the layer's head merge
         # is then a view, so the output projection keeps the very tensor saved here, not a copy.
-        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        # A new tensor always (``contiguous()`` would return the scratch buffer itself for H = 1).
+        out = torch.empty(B, l, H, dh, dtype=out.dtype, device=out.device).copy_(out.transpose(1, 2)).transpose(1, 2)
         ctx.save_for_backward(q, k, v, kp, vp, alpha, beta, gamma, out, lse, log_total, *masks)
         ctx.layout, ctx.first_token, ctx.dropout_p, ctx.s = layout, first_token, dropout_p, s
         return out
@@ -259,20 +310,25 @@ class _BlockedAttention(torch.autograd.Function):
         B, H, l, dh = q.shape
         b, n = layout.block_size, layout.num_blocks
         pat = _patterns(layout, ctx.first_token, q.device)
+        buf = _buffers(layout, q)
+        K = s + b
         scale = dh**-0.5
-        qs = q * scale
+        qs = torch.mul(q, scale, out=buf("qs", B, H, l, dh))
         kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
         kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
         vg = vb[:, :, 0] if vp is None else torch.cat([vp, vb[:, :, 0]], dim=2)
-        sw = _window_matmul(qs.view(B, H, n, b, dh), k, pat, b, keys=True).float()  # [B, H, n, b, 3b]
-        sg, sw = _scores(qs, kg, sw, (alpha, beta, gamma), pat, layout, s)
+        sw = _window_matmul(qs.view(B, H, n, b, dh), k, pat, b, keys=True,
+                            out=buf("sw", B, H, n, b, 3 * b)).float()  # [B, H, n, b, 3b]
+        sg, sw = _scores(qs, kg, sw, (alpha, beta, gamma), pat, layout, s, sg_out=buf("sg", B, H, l, K),
+                         bias_out=buf("bias0", H, l * b))
         # Recomputed probabilities: exp(max(x - m, floor) - log_total) = exp(max(x - lse, floor - log_total)).
         floor = _FLOOR - log_total  # [B, H, l]
         pg = sg.sub_(lse.unsqueeze(-1)).clamp_(min=floor.unsqueeze(-1)).exp_()
         pw = sw.sub_(lse.view(B, H, n, b, 1)).clamp_(min=floor.view(B, H, n, b, 1)).exp_()
-        dout = dout.contiguous()
+        # dout is usually a head view of token-major memory ([B, l, H, dh]); every matmul below
+        # takes it as it is (unit stride in dh), so it is not copied.
         doutb = dout.view(B, H, n, b, dh)
-        delta = (dout * out).sum(-1)  # [B, H, l] = rowsum(P * dP), dropout included
+        delta = torch.mul(dout, out, out=buf("og", B, H, l, dh)).sum(-1)  # [B, H, l] = rowsum(P * dP), dropout included
         delta = delta.float()
         if p > 0:
             mg, mw = masks
@@ -281,10 +337,10 @@ class _BlockedAttention(torch.autograd.Function):
             pdg, pdw = pg, pw
         pdg, pdw = pdg.to(v.dtype), pdw.to(v.dtype)  # fp32 softmax, matmuls in the input dtype
         dvg = torch.matmul(pdg.transpose(-1, -2), dout)  # [B, H, K, dh]
-        dvw = torch.matmul(pdw.transpose(-1, -2), doutb)  # [B, H, n, 3b, dh]
+        dvw = torch.matmul(pdw.transpose(-1, -2), doutb, out=buf("dvw", B, H, n, 3 * b, dh))  # [B, H, n, 3b, dh]
         del pdg, pdw
-        dpg = torch.matmul(dout, vg.transpose(-1, -2)).float()  # [B, H, l, K]
-        dpw = _window_matmul(doutb, v, pat, b, keys=True).float()  # [B, H, n, b, 3b]
+        dpg = torch.matmul(dout, vg.transpose(-1, -2), out=buf("dpg", B, H, l, K)).float()  # [B, H, l, K]
+        dpw = _window_matmul(doutb, v, pat, b, keys=True, out=buf("dpw", B, H, n, b, 3 * b)).float()  # [B, H, n, b, 3b]
         if p > 0:
             dpg.mul_(mg).div_(1 - p)
             dpw.mul_(mw).div_(1 - p)
@@ -293,17 +349,17 @@ class _BlockedAttention(torch.autograd.Function):
         del pg, pw
         dsg_, dsw_ = dsg.to(q.dtype), dsw.to(q.dtype)
         dq = torch.matmul(dsg_, kg)
-        dq += _window_matmul(dsw_, k, pat, b, keys=False).view(B, H, l, dh)
+        dq += _window_matmul(dsw_, k, pat, b, keys=False, out=buf("ow", B, H, n, b, dh)).view(B, H, l, dh)
         dq.mul_(scale)
         dkg = torch.matmul(dsg_.transpose(-1, -2), qs)  # [B, H, K, dh]
-        dkw = torch.matmul(dsw_.transpose(-1, -2), qs.view(B, H, n, b, dh))  # [B, H, n, 3b, dh]
+        dkw = torch.matmul(dsw_.transpose(-1, -2), qs.view(B, H, n, b, dh), out=buf("dkw", B, H, n, 3 * b, dh))
         del dsg_, dsw_
         dk = torch.zeros_like(kb)  # [B, H, n, b, dh]
         dv = torch.zeros_like(vb)
         _scatter_window(dkw, pat, dk)
         _scatter_window(dvw, pat, dv)
-        dk[:, :, 0] += dkg[:, :, s:]
-        dv[:, :, 0] += dvg[:, :, s:]
+        dk[:, :, 0].add_(dkg[:, :, s:])
+        dv[:, :, 0].add_(dvg[:, :, s:])
         # Slopes: score = ... - D and D = alpha F + beta L + gamma R, so dslopes = -sum(dS * pattern).
         dsl = -(dsg[..., s:].sum(0).reshape(H, l * b) @ pat["p0"].T)  # [H, 3]
         gw = _window_bias_grad(dsw, pat)  # [H, U, b, 3b]
