@@ -312,3 +312,21 @@ def test_blocked_kernel_model_equals_eager_kernel_model_in_outputs_and_gradients
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_dropout_drops_at_rate_p_scales_the_kept_and_backpropagates_through_the_same_mask():
+    from littlebird_ds.model.layers import Dropout
+
+    drop = Dropout(0.3)
+    x = torch.randn(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    keep = y != 0
+    assert abs(keep.float().mean().item() - 0.7) < 0.005  # 200k draws: 5 standard deviations is 0.005
+    torch.testing.assert_close(y[keep], x[keep] / 0.7)
+    g = torch.randn_like(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g * keep / 0.7)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the default generator: seeded runs (and checkpoint replays) repeat
+    assert torch.equal(drop.eval()(x), x)

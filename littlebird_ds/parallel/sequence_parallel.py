@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput, QuestionAnsweringModelOutput
 
+from ..model.layers import Dropout
 from ..model.layout import BlockLayout
 from ..model.modeling import (
     LittleBirdForMaskedLM,
@@ -124,7 +125,7 @@ class UlyssesPackCoreAttention:
         return gather_heads_from_sequence_parallel_region(c, group)  # [B, H, s, dh], replicated
 
 
-class SequenceShardDropout(nn.Dropout):
+class SequenceShardDropout(Dropout):
     """Dropout on the sequence-sharded token stream: each SP rank draws masks from its own
     stream (its tokens are different positions; sharing the stream would give positions ``i``
     and ``i + t`` the same mask), the TP ranks of one shard the same stream (the activations are
