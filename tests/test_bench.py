@@ -41,11 +41,24 @@ def test_worker_measures_times_and_memory_in_a_fresh_process():
     assert res["release_memory"] is False
 
 
-def test_worker_applies_release_memory_when_asked():
-    plan = runner.Plan(systems=["bigbird"], lengths=[256], steps=1, threads=1, release_memory=True)
+def test_release_memory_times_with_the_default_allocator_and_takes_the_peak_from_a_releasing_process(monkeypatch):
+    plan = runner.Plan(systems=["bigbird"], lengths=[256], steps=2, threads=1, release_memory=True)
+    calls = []
+    real = runner._run_worker
+
+    def spy(name, length, plan, steps, release_memory):
+        calls.append((steps, release_memory))
+        res = real(name, length, plan, steps, release_memory)
+        res["train"]["peak_bytes"] = 111 if release_memory else 999  # which process the peak came from
+        return res
+
+    monkeypatch.setattr(runner, "_run_worker", spy)
     res = runner.run_worker("bigbird", 256, plan)
     assert "error" not in res, res
+    assert calls == [(2, False), (1, True)]  # timed steps first, then one step for the peak
     assert res["release_memory"] is True and res["train"]["median_s"] > 0
+    assert len(res["train"]["times_s"]) == 2 and len(res["train"]["release_times_s"]) == 1
+    assert res["train"]["peak_bytes"] == 111 and res["train"]["default_allocator_peak_bytes"] == 999
 
 
 def _fake(name, length, plan):

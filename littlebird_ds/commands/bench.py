@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory-gb", type=float, default=16.0,
                         help="skip a system at lengths where its peak memory is predicted higher (default 16)")
     parser.add_argument("--release-memory", action="store_true",
-                        help="every system's process hands freed memory back to the OS at once (glibc mmap threshold; "
-                             "the training engine's --release-memory): lower resident peaks, some more time")
+                        help="measure peak memory in a second fresh process per configuration that hands freed memory "
+                             "back to the OS at once (glibc mmap threshold; the training engine's --release-memory), so "
+                             "it counts what a step holds, not allocator caches; times come from the first process, "
+                             "with the default allocator")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: lengths 512,1024, one round, one step (overrides --lengths/--rounds/--steps)")
     parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
