@@ -49,7 +49,8 @@ def test_release_memory_times_with_the_default_allocator_and_takes_the_peak_from
     def spy(name, length, plan, steps, release_memory):
         calls.append((steps, release_memory))
         res = real(name, length, plan, steps, release_memory)
-        res["train"]["peak_bytes"] = 111 if release_memory else 999  # which process the peak came from
+        if "train" in res:
+            res["train"]["peak_bytes"] = 111 if release_memory else 999  # which process the peak came from
         return res
 
     monkeypatch.setattr(runner, "_run_worker", spy)
@@ -59,6 +60,8 @@ def test_release_memory_times_with_the_default_allocator_and_takes_the_peak_from
     assert res["release_memory"] is True and res["train"]["median_s"] > 0
     assert len(res["train"]["times_s"]) == 2 and len(res["train"]["release_times_s"]) == 1
     assert res["train"]["peak_bytes"] == 111 and res["train"]["default_allocator_peak_bytes"] == 999
+    calls.clear()
+    assert runner.run_worker("matmul", 0, plan)["flops_per_s"] > 0 and calls == [(2, False)]  # the probe runs once
 
 
 def _fake(name, length, plan):
