@@ -250,9 +250,9 @@ def _scores(qs, kg, sw, slopes, pat, layout, s, sg_out=None, bias_out=None):
     return sg, sw
 
 
-def _buffers(layout: BlockLayout, q: torch.Tensor):
+def _buffers(layout: BlockLayout, q: torch.Tensor, use: bool = True):
     """``buf(name, *shape)``: a scratch buffer for fp32 inputs; ``None`` (allocate) otherwise."""
-    if q.dtype != torch.float32:
+    if not use or q.dtype != torch.float32:
         return lambda name, *shape: None
     scratch = _Scratch.of(layout, q.device)
     return lambda name, *shape: scratch.get(name, *shape, like=q)
@@ -260,12 +260,12 @@ def _buffers(layout: BlockLayout, q: torch.Tensor):
 
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, dropout_p):
+    def forward(ctx, q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, dropout_p, scratch):
         B, H, l, dh = q.shape
         b, n = layout.block_size, layout.num_blocks
         s = 0 if kp is None else kp.shape[2]
         pat = _patterns(layout, first_token, q.device)
-        buf = _buffers(layout, q)
+        buf = _buffers(layout, q, use=scratch)
         K = s + b
         qs = torch.mul(q, dh**-0.5, out=buf("qs", B, H, l, dh))  # [B, H, l, dh] contiguous
         kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
@@ -375,7 +375,7 @@ class _BlockedAttention(torch.autograd.Function):
             dkp, dvp = dkg[:, :, :s], dvg[:, :, :s]
         dsl = dsl.to(alpha.dtype)
         return (dq, dk.view(B, H, l, dh), dv.view(B, H, l, dh), dkp, dvp,
-                dsl[:, 0], dsl[:, 1], dsl[:, 2], None, None, None)
+                dsl[:, 0], dsl[:, 1], dsl[:, 2], None, None, None, None)
 
 
 def blocked_attention(
@@ -393,4 +393,7 @@ def blocked_attention(
 ) -> torch.Tensor:
     alpha, beta, gamma = slopes
     p = dropout_p if training else 0.0
-    return _BlockedAttention.apply(q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, p)
+    # Scratch buffers when a backward follows: an inference forward would keep them for its
+    # whole length, on top of the feed-forward's peak (16k tokens: 0.24 -> 0.37 GB).
+    scratch = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha))
+    return _BlockedAttention.apply(q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, p, scratch)
