@@ -163,3 +163,15 @@ def test_fully_masked_window_still_attends_to_packed_keys_without_nan(kernel):
     layout = BlockLayout.build(mask, 8)
     out = KERNELS[kernel](*tensors, bialibi.slopes(), layout)
     assert torch.isfinite(out).all()
+
+
+def test_blocked_kernel_shares_scratch_buffers_only_when_a_backward_follows():
+    """Training forwards of one call share score-sized buffers (kept in the layout's cache);
+    an inference forward allocates per layer, so it does not hold them for its whole length."""
+    tensors, bialibi, layout, _ = _case([64], 8, 3, 2)
+    key = ("blocked-scratch", "cpu")
+    with torch.no_grad():
+        blocked_attention(*tensors, bialibi.slopes(), layout)
+    assert key not in layout.cache
+    blocked_attention(*tensors, bialibi.slopes(), layout).sum().backward()
+    assert layout.cache[key].buffers
