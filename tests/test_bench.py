@@ -4,6 +4,7 @@ Nothing here times anything against a target: machines are noisy, the benchmark 
 reports ratios. These tests check that it measures and reports correctly, quickly.
 """
 
+import ctypes.util
 import json
 import math
 
@@ -42,13 +43,16 @@ def test_worker_measures_times_and_memory_in_a_fresh_process():
 
 
 def test_release_memory_times_with_the_default_allocator_and_takes_the_peak_from_a_releasing_process(monkeypatch):
-    plan = runner.Plan(systems=["bigbird"], lengths=[256], steps=2, threads=1, release_memory=True)
+    # An --allocator is preloaded into the timed process only (libc itself: harmless to preload).
+    plan = runner.Plan(systems=["bigbird"], lengths=[256], steps=2, threads=1, release_memory=True,
+                       allocator=ctypes.util.find_library("c"))
     calls = []
     real = runner._run_worker
 
     def spy(name, length, plan, steps, release_memory):
         calls.append((steps, release_memory))
         res = real(name, length, plan, steps, release_memory)
+        assert res.get("preloaded", "") == ("" if release_memory else plan.allocator)
         if "train" in res:
             res["train"]["peak_bytes"] = 111 if release_memory else 999  # which process the peak came from
         return res
@@ -114,3 +118,17 @@ def test_cli_rejects_bad_lengths_and_systems():
         main(["bench", "--lengths", "1024,999999"])
     with pytest.raises(SystemExit):
         main(["bench", "--systems", "littlebird,reformer"])
+
+
+def test_allocator_names_resolve_or_fail_with_the_fix(tmp_path):
+    assert runner.resolve_allocator("default") == ""
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(b"")
+    assert runner.resolve_allocator(str(lib)) == str(lib)
+    with pytest.raises(ValueError, match="no such file"):
+        runner.resolve_allocator(str(tmp_path / "missing.so"))
+    for name, (stems, package) in runner.ALLOCATORS.items():
+        try:
+            assert runner.resolve_allocator(name)  # installed here
+        except ValueError as e:
+            assert f"apt install {package}" in str(e)  # not installed: the message names the package

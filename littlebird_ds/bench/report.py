@@ -119,15 +119,16 @@ def markdown(summary: dict, command: str | None = None) -> str:
     if command:
         out += [f"Command: `{command}`", ""]
     rate = summary["matmul_flops_per_s"]
+    allocator = f"`{plan['allocator']}` preloaded for every system" if plan.get("allocator") else "the default allocator"
     out += [
         f"Size: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, FFN {s['ffn']}, vocab {s['vocab']}; "
         f"batch 1, fp32, {plan['threads']} threads; {plan['rounds']} rounds x {plan['steps']} timed steps, medians. "
         + (f"Matmul rate (fp32 4096^3 GEMM, median of {len(summary['matmul_probes'])} probes): {rate / 1e9:.0f} GFLOP/s." if rate else ""),
         "",
-        ("Times with the default allocator; peak memory from a second process per configuration that hands freed "
+        (f"Times with {allocator}; peak memory from a second process per configuration that hands freed "
          "memory back to the OS at once (`--release-memory`), so it counts what a step holds."
          if plan.get("release_memory") else
-         "Times and peak memory with the default allocator: the peak includes freed memory the allocator keeps."),
+         f"Times and peak memory with {allocator}: the peak includes freed memory the allocator keeps."),
         "",
     ]
     for title, key, unit in (("Training step (forward + backward), seconds", "train_s", ""),

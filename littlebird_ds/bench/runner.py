@@ -9,6 +9,7 @@ already measured (log-log slope of the last two, at least 1), would exceed
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import math
 import os
@@ -30,6 +31,31 @@ class Plan:
     max_memory_gb: float = 16.0
     timeout_s: float = 1800.0
     release_memory: bool = False  # peak memory measured with freed memory handed back to the OS (worker.py)
+    allocator: str = ""  # malloc library preloaded into the timed processes ("" = the C library's own)
+
+
+#: ``--allocator`` names -> (library stems for ``find_library``, the Debian/Ubuntu package).
+ALLOCATORS = {"tcmalloc": (("tcmalloc_minimal", "tcmalloc"), "libtcmalloc-minimal4"),
+              "jemalloc": (("jemalloc",), "libjemalloc2")}
+
+
+def resolve_allocator(name: str) -> str:
+    """What to preload for ``--allocator NAME``: ``""`` for the C library's own allocator, else
+    a library name the dynamic linker finds, or the absolute path given."""
+    if name in ("", "default"):
+        return ""
+    if name in ALLOCATORS:
+        stems, package = ALLOCATORS[name]
+        for stem in stems:
+            found = ctypes.util.find_library(stem)
+            if found:
+                return found
+        raise ValueError(f"--allocator {name}: no lib{stems[0]} found on this machine; install it "
+                         f"(Debian/Ubuntu: apt install {package}) or pass the library's path")
+    if not os.path.isfile(name):
+        raise ValueError(f"--allocator {name!r}: no such file; pass default, tcmalloc, jemalloc or the path of a "
+                         "malloc library (a .so file)")
+    return os.path.abspath(name)
 
 
 def split_system(name: str) -> tuple[str, str]:
@@ -46,7 +72,8 @@ def run_worker(name: str, length: int, plan: Plan) -> dict:
     default allocator, freed activations stay resident and the high-water mark counts them;
     handing them back makes every large tensor cost fresh pages, which slows every system, by
     different amounts (at 16k tokens 7-32% across systems and runs), so neither process alone
-    measures both."""
+    measures both. ``plan.allocator`` is preloaded into the timed process only: the peak is
+    always measured with the C library's allocator, which can be told to release."""
     res = _run_worker(name, length, plan, plan.steps, release_memory=False)
     if not plan.release_memory or not ("infer" in res or "train" in res):  # an error, or the matmul probe
         return res
@@ -70,6 +97,8 @@ def _run_worker(name: str, length: int, plan: Plan, steps: int, release_memory: 
     if release_memory:
         cmd.append("--release-memory")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    if plan.allocator and not release_memory:
+        env["LD_PRELOAD"] = " ".join(filter(None, [plan.allocator, env.get("LD_PRELOAD", "")]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=plan.timeout_s, env=env)
     except subprocess.TimeoutExpired:

@@ -56,13 +56,14 @@ def measure(system: str, length: int, size_name: str, kernel: str, modes: list[s
 
     torch.set_num_threads(threads)
     if system == "matmul":
-        return {"system": "matmul", "length": length, "flops_per_s": matmul_rate()}
+        return {"system": "matmul", "length": length, "flops_per_s": matmul_rate(),
+                "preloaded": os.environ.get("LD_PRELOAD", "")}
     torch.manual_seed(0)
     model, inputs = build(system, Size.named(size_name), length, kernel)
     gc.collect()
     baseline_kb = _status_kb("VmRSS")
     result: dict = {"system": system, "length": length, "size": size_name, "kernel": kernel, "threads": threads,
-                    "release_memory": release_memory}
+                    "release_memory": release_memory, "preloaded": os.environ.get("LD_PRELOAD", "")}
 
     def infer_step():
         model.eval()

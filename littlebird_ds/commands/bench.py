@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "back to the OS at once (glibc mmap threshold; the training engine's --release-memory), so "
                              "it counts what a step holds, not allocator caches; times come from the first process, "
                              "with the default allocator")
+    parser.add_argument("--allocator", default="default",
+                        help="malloc library preloaded (LD_PRELOAD) into every system's timed process: default (the C "
+                             "library's), tcmalloc, jemalloc, or a path. glibc hands blocks above 32 MiB back to the OS "
+                             "and maps fresh pages for each, which long inputs pay on every large tensor")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: lengths 512,1024, one round, one step (overrides --lengths/--rounds/--steps)")
     parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
@@ -73,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
     lengths, rounds, steps = args.lengths, args.rounds, args.steps
     if args.quick:
         lengths, rounds, steps = [512, 1024], 1, 1
+    try:
+        allocator = runner.resolve_allocator(args.allocator)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     plan = runner.Plan(systems=systems, lengths=lengths, size=args.size, rounds=rounds, steps=steps,
                        threads=args.threads, max_step_s=args.max_step_s, max_memory_gb=args.max_memory_gb,
-                       release_memory=args.release_memory)
+                       release_memory=args.release_memory, allocator=allocator)
     command = "littlebird-ds bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     out = Path(args.out)
     if args.report_only:
