@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure peak memory in a second fresh process per configuration that hands freed memory "
                              "back to the OS at once (glibc mmap threshold; the training engine's --release-memory), so "
                              "it counts what a step holds, not allocator caches; times come from the first process, "
-                             "with the default allocator")
+                             "with the default allocator or the one --allocator names")
     parser.add_argument("--allocator", default="default",
                         help="malloc library preloaded (LD_PRELOAD) into every system's timed process: default (the C "
                              "library's), tcmalloc, jemalloc, or a path. glibc hands blocks above 32 MiB back to the OS "
