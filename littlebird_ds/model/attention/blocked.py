@@ -27,6 +27,8 @@ shifts.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..bialibi import bialibi_distance
@@ -71,9 +73,7 @@ class _Scratch:
 
     def get(self, name: str, *shape: int, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised fp32 tensor of ``shape`` on ``like``'s device, in buffer ``name``."""
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < numel:
             buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=like.device)
@@ -260,23 +260,33 @@ def _buffers(layout: BlockLayout, q: torch.Tensor, use: bool = True):
     return lambda name, *shape: scratch.get(name, *shape, like=q)
 
 
+def _recompute_scores(q, k, v, kp, vp, slopes, layout, first_token, buf):
+    """The part forward and backward share: ``(pat, qs, kg, vg, sg, sw)``, the layout's patterns,
+    the pre-scaled queries, the global keys and values ``[B, H, K, dh]`` and the biased,
+    masked scores (``_scores``), in scratch buffers where ``buf`` gives them."""
+    B, H, l, dh = q.shape
+    b, n = layout.block_size, layout.num_blocks
+    s = 0 if kp is None else kp.shape[2]
+    pat = _patterns(layout, first_token, q.device)
+    qs = torch.mul(q, dh**-0.5, out=buf("qs", B, H, l, dh))  # [B, H, l, dh] contiguous
+    kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
+    kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
+    vg = vb[:, :, 0] if vp is None else torch.cat([vp, vb[:, :, 0]], dim=2)
+    sw = _window_matmul(qs.view(B, H, n, b, dh), k, pat, b, keys=True,
+                        out=buf("sw", B, H, n, b, 3 * b)).float()  # [B, H, n, b, 3b]
+    sg, sw = _scores(qs, kg, sw, slopes, pat, layout, s, sg_out=buf("sg", B, H, l, s + b),
+                     bias_out=buf("bias0", H, l * b))
+    return pat, qs, kg, vg, sg, sw
+
+
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, dropout_p, scratch):
         B, H, l, dh = q.shape
         b, n = layout.block_size, layout.num_blocks
         s = 0 if kp is None else kp.shape[2]
-        pat = _patterns(layout, first_token, q.device)
         buf = _buffers(layout, q, use=scratch)
-        K = s + b
-        qs = torch.mul(q, dh**-0.5, out=buf("qs", B, H, l, dh))  # [B, H, l, dh] contiguous
-        kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
-        kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
-        vg = vb[:, :, 0] if vp is None else torch.cat([vp, vb[:, :, 0]], dim=2)
-        sw = _window_matmul(qs.view(B, H, n, b, dh), k, pat, b, keys=True,
-                            out=buf("sw", B, H, n, b, 3 * b)).float()  # [B, H, n, b, 3b]
-        sg, sw = _scores(qs, kg, sw, (alpha, beta, gamma), pat, layout, s, sg_out=buf("sg", B, H, l, K),
-                         bias_out=buf("bias0", H, l * b))
+        pat, qs, kg, vg, sg, sw = _recompute_scores(q, k, v, kp, vp, (alpha, beta, gamma), layout, first_token, buf)
         # One softmax over [global keys | window keys], computed in place.
         m = torch.maximum(sg.amax(-1), sw.amax(-1).view(B, H, l))  # [B, H, l]
         pg = sg.sub_(m.unsqueeze(-1)).clamp_(min=_FLOOR).exp_()
@@ -311,18 +321,9 @@ class _BlockedAttention(torch.autograd.Function):
         layout, s, p = ctx.layout, ctx.s, ctx.dropout_p
         B, H, l, dh = q.shape
         b, n = layout.block_size, layout.num_blocks
-        pat = _patterns(layout, ctx.first_token, q.device)
         buf = _buffers(layout, q)
-        K = s + b
+        pat, qs, kg, vg, sg, sw = _recompute_scores(q, k, v, kp, vp, (alpha, beta, gamma), layout, ctx.first_token, buf)
         scale = dh**-0.5
-        qs = torch.mul(q, scale, out=buf("qs", B, H, l, dh))
-        kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
-        kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
-        vg = vb[:, :, 0] if vp is None else torch.cat([vp, vb[:, :, 0]], dim=2)
-        sw = _window_matmul(qs.view(B, H, n, b, dh), k, pat, b, keys=True,
-                            out=buf("sw", B, H, n, b, 3 * b)).float()  # [B, H, n, b, 3b]
-        sg, sw = _scores(qs, kg, sw, (alpha, beta, gamma), pat, layout, s, sg_out=buf("sg", B, H, l, K),
-                         bias_out=buf("bias0", H, l * b))
         # Recomputed probabilities: exp(max(x - m, floor) - log_total) = exp(max(x - lse, floor - log_total)).
         floor = _FLOOR - log_total  # [B, H, l]
         pg = sg.sub_(lse.unsqueeze(-1)).clamp_(min=floor.unsqueeze(-1)).exp_()
@@ -341,7 +342,7 @@ class _BlockedAttention(torch.autograd.Function):
         dvg = torch.matmul(pdg.transpose(-1, -2), dout)  # [B, H, K, dh]
         dvw = torch.matmul(pdw.transpose(-1, -2), doutb, out=buf("dvw", B, H, n, 3 * b, dh))  # [B, H, n, 3b, dh]
         del pdg, pdw
-        dpg = torch.matmul(dout, vg.transpose(-1, -2), out=buf("dpg", B, H, l, K)).float()  # [B, H, l, K]
+        dpg = torch.matmul(dout, vg.transpose(-1, -2), out=buf("dpg", B, H, l, s + b)).float()  # [B, H, l, K]
         dpw = _window_matmul(doutb, v, pat, b, keys=True, out=buf("dpw", B, H, n, b, 3 * b)).float()  # [B, H, n, b, 3b]
         if p > 0:
             dpg.mul_(mg).div_(1 - p)
@@ -356,8 +357,8 @@ class _BlockedAttention(torch.autograd.Function):
         dkg = torch.matmul(dsg_.transpose(-1, -2), qs)  # [B, H, K, dh]
         dkw = torch.matmul(dsw_.transpose(-1, -2), qs.view(B, H, n, b, dh), out=buf("dkw", B, H, n, 3 * b, dh))
         del dsg_, dsw_
-        dk = torch.zeros_like(kb)  # [B, H, n, b, dh]
-        dv = torch.zeros_like(vb)
+        dk = k.new_zeros(B, H, n, b, dh)
+        dv = v.new_zeros(B, H, n, b, dh)
         _scatter_window(dkw, pat, dk)
         _scatter_window(dvw, pat, dv)
         dk[:, :, 0].add_(dkg[:, :, s:])
