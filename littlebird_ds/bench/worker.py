@@ -55,15 +55,15 @@ def measure(system: str, length: int, size_name: str, kernel: str, modes: list[s
     from .systems import Size, build
 
     torch.set_num_threads(threads)
+    preloaded = os.environ.get("LD_PRELOAD", "")  # the runner's --allocator, if any
     if system == "matmul":
-        return {"system": "matmul", "length": length, "flops_per_s": matmul_rate(),
-                "preloaded": os.environ.get("LD_PRELOAD", "")}
+        return {"system": "matmul", "length": length, "flops_per_s": matmul_rate(), "preloaded": preloaded}
     torch.manual_seed(0)
     model, inputs = build(system, Size.named(size_name), length, kernel)
     gc.collect()
     baseline_kb = _status_kb("VmRSS")
     result: dict = {"system": system, "length": length, "size": size_name, "kernel": kernel, "threads": threads,
-                    "release_memory": release_memory, "preloaded": os.environ.get("LD_PRELOAD", "")}
+                    "release_memory": release_memory, "preloaded": preloaded}
 
     def infer_step():
         model.eval()
