@@ -141,3 +141,29 @@ def test_batch_unknown_per_token_field_is_named():
         insert_padding_batch(batch, max_length=16, generator=0)
     out = insert_padding_batch(batch, max_length=16, fill_values={"special_tokens_mask": 1}, generator=0)
     assert (out["special_tokens_mask"][out["input_ids"] == PAD] == 1).all()
+
+
+def test_shared_cap_halves_the_mean_batch_length_and_still_reaches_max_length():
+    # 16 rows of 64 real tokens, max 1024: with independent targets the batch is about as long
+    # as the longest of 16 uniform draws (~0.95 of max); with one cap per batch, about half way.
+    ids = torch.arange(1, 65).repeat(16, 1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    lengths = {False: [], True: []}
+    for shared in (False, True):
+        for seed in range(200):
+            out = insert_padding_batch(batch, max_length=1024, pad_to_multiple_of=32, generator=seed, shared_cap=shared)
+            assert out["input_ids"].shape[1] <= 1024 and out["input_ids"].shape[1] % 32 == 0
+            for b in range(16):  # the real tokens, in order, whatever the cap
+                assert torch.equal(out["input_ids"][b][out["attention_mask"][b].bool()], ids[b])
+            lengths[shared].append(out["input_ids"].shape[1])
+    independent, shared = np.mean(lengths[False]), np.mean(lengths[True])
+    assert independent > 0.9 * 1024
+    assert 0.4 * 1024 < shared < 0.65 * 1024
+    assert max(lengths[True]) > 0.95 * 1024  # long targets still occur
+
+
+def test_shared_cap_rejects_a_row_longer_than_max_length():
+    ids = torch.ones(2, 96, dtype=torch.long)
+    with pytest.raises(ValueError, match="longest row"):
+        insert_padding_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_length=64,
+                             shared_cap=True, generator=0)

@@ -221,8 +221,17 @@ def insert_padding_batch(
     position_keys: Sequence[str] = DEFAULT_POSITION_KEYS,
     fill_values: Mapping[str, int] | None = None,
     generator: np.random.Generator | torch.Generator | int | None = None,
+    shared_cap: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Padding Insertion on a collated batch; each row is decided and drawn independently.
+
+    A batch is as long as its longest row, so with independent targets in
+    ``[l, max_length]`` a batch of 16 rows is nearly ``max_length`` long whenever a few rows
+    get Padding Insertion: the whole batch pays for the longest target. ``shared_cap=True``
+    first draws one cap ``C`` uniformly in ``[longest real row, max_length]`` (rounded up to
+    ``pad_to_multiple_of``) and then each row its target in ``[l, C]``: every target up to
+    ``max_length`` still occurs, and a batch costs about half way between its real length and
+    ``max_length`` instead of nearly all of it.
 
     Args:
         batch: ``input_ids`` ``[B, L]`` and any other tensors. Per-token tensors (shape
@@ -233,6 +242,7 @@ def insert_padding_batch(
         protected_prefix: one int for all rows or one per row (QA: question length + 2).
         keep_together: per row, inclusive token spans never split by pads (e.g. answers).
         pad_to_multiple_of: round the batch length up (e.g. the block size).
+        shared_cap: draw one cap on the targets per batch (see above).
 
     Returns:
         The new batch, plus ``index_map`` ``[B, L]`` (new position of each old position;
@@ -259,12 +269,22 @@ def insert_padding_batch(
     )
     arrays = {k: _array(batch[k]) for k in per_token}
     mask = arrays.get("attention_mask", np.ones((n_rows, length), dtype=np.int64))
+    reals = [int(np.flatnonzero(mask[b])[-1]) + 1 if mask[b].any() else 0 for b in range(n_rows)]
+    cap = max_length
+    if shared_cap:
+        longest = max(reals + [0])
+        if longest > max_length:
+            raise ValueError(
+                f"max_length={max_length} is shorter than the batch's longest row ({longest} tokens); "
+                "truncate the examples first or raise max_length (a multiple of the block size)."
+            )
+        cap = int(rng.integers(longest, max_length + 1))
+        if pad_to_multiple_of:
+            cap = min(max_length, -(-cap // pad_to_multiple_of) * pad_to_multiple_of)
     maps: list[np.ndarray] = []
-    for b in range(n_rows):
-        attended = np.flatnonzero(mask[b])
-        real_length = int(attended[-1]) + 1 if len(attended) else 0
+    for b, real_length in enumerate(reals):
         if real_length > 0 and rng.random() < probability:
-            maps.append(plan_insertion(real_length, max_length, rng, protected_prefix=prefixes[b],
+            maps.append(plan_insertion(real_length, cap, rng, protected_prefix=prefixes[b],
                                        keep_together=keep_together[b] if keep_together else (), max_runs=max_runs))
         else:
             maps.append(np.arange(real_length, dtype=np.int64))

@@ -295,7 +295,7 @@ def make_distill_collate(tokenizer, *, mask_rate: float, block_size: int, paddin
         if padding_insertion > 0:
             padded = insert_padding_batch(batch, max_length=int(pi_max_length), probability=padding_insertion,
                                           pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=block_size,
-                                          generator=None)
+                                          generator=None, shared_cap=True)
             out.update({f"student_{k}": padded[k] for k in keys})
             out["index_map"] = padded["index_map"]
         return out

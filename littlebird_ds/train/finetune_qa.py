@@ -21,7 +21,9 @@ Pipeline (:func:`finetune_qa`):
    moved with the index map. The decision is made per *batch*: a batch is as long as its
    longest row, so per-row decisions would make nearly every batch long and cost the
    ``pi_max_length / max_length`` factor on every step; per batch, each example still gets
-   Padding Insertion with probability ``p`` and, when it does, its own target length.
+   Padding Insertion with probability ``p`` and, when it does, its own target length, under
+   a cap drawn once per batch (``shared_cap``), so a PI batch is on average about half way
+   between its real length and ``pi_max_length`` long, not nearly all of it.
 4. :class:`~littlebird_ds.train.engine.Trainer` with :func:`qa_loss` and an eval function that
    scores the validation file(s) (EM/F1, per file when several are given: one per context
    length for ``make-qa`` output) and logs ``eval_*``; ``OUT/final`` holds the model and the
@@ -192,7 +194,8 @@ def apply_padding_insertion(
     block_size: int,
     rng: np.random.Generator,
 ) -> dict[str, torch.Tensor]:
-    """Padding Insertion on a QA batch from :func:`collate_qa` (every row gets a target length).
+    """Padding Insertion on a QA batch from :func:`collate_qa` (every row gets a target length,
+    under one cap per batch drawn in ``[longest row, max_length]``).
 
     Pads never go into ``[CLS] question [SEP]`` (``prefix_length``) nor inside the answer span;
     ``start_positions``/``end_positions`` follow their tokens; the batch is rounded up to whole
@@ -205,6 +208,7 @@ def apply_padding_insertion(
         {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")},
         max_length=max(max_length, real), probability=1.0, protected_prefix=batch["prefix_length"],
         keep_together=keep, pad_token_id=pad_token_id, pad_to_multiple_of=block_size, generator=rng,
+        shared_cap=True,
     )
     out.pop("index_map")
     out["prefix_length"] = batch["prefix_length"]

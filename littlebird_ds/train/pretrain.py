@@ -236,7 +236,7 @@ def make_train_collate(tokenizer, *, mask_rate: float = 0.15, pad_to_multiple_of
         if padding_insertion > 0:
             batch = insert_padding_batch(batch, max_length=int(pi_max_length), probability=padding_insertion,
                                          pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
-                                         position_keys=DEFAULT_POSITION_KEYS + RSS_KEYS, generator=None)
+                                         position_keys=DEFAULT_POSITION_KEYS + RSS_KEYS, generator=None, shared_cap=True)
         return _model_batch(batch)
 
     return collate
