@@ -82,9 +82,6 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
-
-
 class Pipeline:
     """Runs the stages in order; see the module docstring."""
 
@@ -154,6 +151,7 @@ class Pipeline:
         tokenizer), so its tokenizer becomes the pipeline's instead of a newly trained one."""
         from transformers import AutoTokenizer
 
+        from .data.tokenizer import TOKENIZER_FILES, has_tokenizer_files
         from .train.distill import resolve_teacher_path
 
         path = resolve_teacher_path(self.o.teacher)
@@ -162,9 +160,9 @@ class Pipeline:
                                     "model directory (with its tokenizer) or 'minilm'")
         hint = "the pipeline reuses the teacher's tokenizer, so the directory must hold one (save_pretrained writes it)"
         # Checked by file: without one, transformers builds a tokenizer of special tokens only.
-        if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        if not has_tokenizer_files(path):
             raise ValueError(f"--teacher {self.o.teacher}: no tokenizer loads from {path} (none of "
-                             f"{', '.join(_TOKENIZER_FILES)}); {hint}")
+                             f"{', '.join(TOKENIZER_FILES)}); {hint}")
         try:
             tok = AutoTokenizer.from_pretrained(path, use_fast=True)
         except (OSError, ValueError) as e:

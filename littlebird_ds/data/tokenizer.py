@@ -48,7 +48,9 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SMALL_CHARSET",
     "TokenizerRecipe",
+    "TOKENIZER_FILES",
     "auto_character_coverage",
+    "has_tokenizer_files",
     "iter_sentences",
     "load_recipe",
     "spm_to_fast",
@@ -56,6 +58,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Files a saved tokenizer loads from. ``tokenizer_config.json`` alone is not one: from it
+#: transformers builds a tokenizer of the special tokens only.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(path: str | os.PathLike[str]) -> bool:
+    """Whether the directory ``path`` holds a loadable tokenizer (one of ``TOKENIZER_FILES``)."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 PAD, UNK, CLS, SEP, MASK, QUESTION = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[QUESTION]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK, QUESTION)

@@ -333,6 +333,7 @@ def run_distillation(args):
     import time
 
     from ..data.corpus import load_corpus, split_corpus
+    from ..data.tokenizer import has_tokenizer_files
     from .engine import Trainer
     from .pretrain import WindowDataset, evaluate_mlm, fixed_eval_batches, is_main_process, load_tokenizer, tokenize_documents
     from .presets import max_positions
@@ -341,7 +342,7 @@ def run_distillation(args):
     teacher = load_teacher(teacher_path)
     tokenizer = load_tokenizer(args.tokenizer or teacher_path)
     if args.tokenizer:
-        check_same_tokenizer(load_tokenizer(teacher_path) if _has_tokenizer(teacher_path) else tokenizer, tokenizer)
+        check_same_tokenizer(load_tokenizer(teacher_path) if has_tokenizer_files(teacher_path) else tokenizer, tokenizer)
     limit = max_positions(teacher.config) or 512
     max_len = int(args.max_length or min(512, limit))
     if max_len > limit:
@@ -427,9 +428,3 @@ def run_distillation(args):
         plot_eval_curve(Path(args.out) / "metrics.jsonl", "cosine", Path(args.out) / "eval_cosine.png",
                         "held-out cosine, student vs teacher final hidden states", target=0.9)
     return result
-
-
-def _has_tokenizer(path: str) -> bool:
-    from pathlib import Path
-
-    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
