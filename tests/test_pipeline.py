@@ -157,3 +157,28 @@ def test_distillation_reads_clean_text_and_matches_states_only_when_the_teacher_
     BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
     assert loss_args(tmp_path / "encoder") == clean
     assert loss_args(tmp_path / "mlm") == []  # span masking with KL, MSE and the student's own MLM loss
+
+
+def test_the_three_qa_runs_differ_only_in_padding_insertion_and_initialisation(tmp_path, monkeypatch):
+    from littlebird_ds.pipeline import Pipeline, PipelineOptions
+
+    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", overrides={"qa_bialibi_lr_scale": 30.0}), echo=lambda s: None)
+    calls = {}
+
+    def run(self, stage, argv, **kw):
+        calls[kw["log_name"]] = argv
+        (self.dir("qa") / kw["log_name"].removesuffix(".log")).mkdir(parents=True)
+
+    monkeypatch.setattr(Pipeline, "_run", run)
+    pipe.stage_qa()
+    assert set(calls) == {"pretrained_pi.log", "pretrained_no_pi.log", "random_pi.log"}
+    for argv in calls.values():  # the slopes' learning rate is the same in all three
+        assert argv[argv.index("--bialibi-lr-scale") + 1] == "30.0"
+    pi = calls["pretrained_pi.log"]
+    assert pi[pi.index("--pi-factor") + 1] == "4" and "--no-padding-insertion" not in pi
+    no_pi = calls["pretrained_no_pi.log"]
+    assert "--pi-factor" not in no_pi and "--no-padding-insertion" in no_pi
+    assert "--random-init" in calls["random_pi.log"]
+    strip = {"--pi-factor", "4", "--no-padding-insertion", "--random-init"}
+    common = [[a for a in argv if a not in strip and "/qa/" not in a] for argv in calls.values()]
+    assert common[0] == common[1] == common[2]
