@@ -39,19 +39,19 @@ from typing import Callable
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=4000, teacher_steps=200, teacher_length=128, distill_steps=100, distill_length=128,
-        further_steps=60, further_length=512, qa_steps=200, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15", qa_pi_factor=4, qa_bialibi_lr_scale=1.0,
+        further_steps=60, further_length=512, qa_steps=200, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15", qa_pi_factor=4, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=1e-3, questions_per_document="400,24,24",
         validation_fraction=0.05,
     ),
     "small": dict(
         vocab_size=8000, teacher_steps=3000, teacher_length=256, distill_steps=2000, distill_length=256,
-        further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2", qa_pi_factor=8, qa_bialibi_lr_scale=1.0,
+        further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2", qa_pi_factor=8, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=5e-4, questions_per_document="256,64,64",
         validation_fraction=0.05,
     ),
     "base": dict(
         vocab_size=32000, teacher_steps=100000, teacher_length=512, distill_steps=50000, distill_length=512,
-        further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="", qa_pi_factor=8, qa_bialibi_lr_scale=1.0,
+        further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="", qa_pi_factor=8, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
         eval_lengths=(512, 2048, 4096, 8192, 16384), batch_size=32, lr=1e-4, questions_per_document="256,100,100",
         validation_fraction=0.02,
     ),
@@ -255,6 +255,8 @@ class Pipeline:
                 argv += ["--curriculum", s["qa_curriculum"]]
             if "--no-padding-insertion" not in model_args:  # the longest Padding Insertion target, x stage length
                 argv += ["--pi-factor", str(s["qa_pi_factor"])]
+                if float(s.get("qa_pi_start_fraction", 0.0)) > 0:  # a warm-up on plain short contexts first
+                    argv += ["--pi-start-fraction", str(s["qa_pi_start_fraction"])]
             if float(s.get("qa_bialibi_lr_scale", 1.0)) != 1.0:  # the same for all three runs
                 argv += ["--bialibi-lr-scale", str(s["qa_bialibi_lr_scale"])]
             self._run("qa", argv + self._train_common(out, s["qa_steps"]), train=True, log_name=f"{name}.log")

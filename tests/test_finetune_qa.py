@@ -249,6 +249,16 @@ def test_random_init_builds_the_models_architecture_with_fresh_weights(model_dir
     assert not (tmp_path / "out").exists()
 
 
+
+def test_pi_start_fraction_outside_0_1_is_a_clear_error_before_anything_is_written(tmp_path):
+    from littlebird_ds.train.finetune_qa import finetune_qa
+
+    args = _finetune_args(["--preset", "tiny", "--tokenizer", "x", "--pi-start-fraction", "1.0",
+                           "--train", "x.json", "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--pi-start-fraction must be in"):
+        finetune_qa(args)
+    assert not (tmp_path / "out").exists()
+
 def test_max_eval_examples_spread_through_the_file():
     from littlebird_ds.train.qa_eval import spread_sample
 
@@ -290,6 +300,29 @@ def test_batches_follow_curriculum_and_resume_exactly(tok):
     resumed = [b for _, b in zip(range(5), factory(7, 0, 1))]
     for a, b in zip(full[7:], resumed):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+
+def test_padding_insertion_starts_at_pi_start_step_and_leaves_earlier_batches_plain(tok):
+    from littlebird_ds.train.finetune_qa import QABatches, train_features
+
+    rows = train_features(_examples(40, 6, words=40), tok, max_length=48, stride=8, block_size=BLOCK)
+    common = dict(stages=[(48, rows)], bounds=[0, 20], batch_size=4, grad_accum=2, seed=1, pad_token_id=0,
+                  block_size=BLOCK, padding_insertion=1.0, pi_factor=4)
+    late = [b for _, b in zip(range(24), QABatches(**common, pi_start_step=6)(0, 0, 1))]
+    plain = [b for _, b in zip(range(24), QABatches(**{**common, "padding_insertion": 0.0})(0, 0, 1))]
+
+    def inner_pads(batch):  # rows with a pad before their last attended token
+        mask = batch["attention_mask"]
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+        return int(sum((mask[r, : last[r]] == 0).any() for r in range(mask.shape[0])))
+
+    # optimizer steps 0-5 are micro-steps 0-11: the same batches as without Padding Insertion
+    for a, b in zip(late[:12], plain[:12]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(inner_pads(b) == 0 for b in plain)
+    # from step 6 on every batch gets Padding Insertion (p = 1)
+    assert sum(inner_pads(b) > 0 for b in late[12:]) >= 10
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def test_distillation_reads_clean_text_and_matches_states_only_when_the_teacher_
 def test_the_three_qa_runs_differ_only_in_padding_insertion_and_initialisation(tmp_path, monkeypatch):
     from littlebird_ds.pipeline import Pipeline, PipelineOptions
 
-    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", overrides={"qa_bialibi_lr_scale": 30.0}), echo=lambda s: None)
+    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", overrides={"qa_bialibi_lr_scale": 30.0,
+                                                                      "qa_pi_start_fraction": 0.5}), echo=lambda s: None)
     calls = {}
 
     def run(self, stage, argv, **kw):
@@ -176,9 +177,10 @@ def test_the_three_qa_runs_differ_only_in_padding_insertion_and_initialisation(t
         assert argv[argv.index("--bialibi-lr-scale") + 1] == "30.0"
     pi = calls["pretrained_pi.log"]
     assert pi[pi.index("--pi-factor") + 1] == "4" and "--no-padding-insertion" not in pi
+    assert pi[pi.index("--pi-start-fraction") + 1] == "0.5"
     no_pi = calls["pretrained_no_pi.log"]
-    assert "--pi-factor" not in no_pi and "--no-padding-insertion" in no_pi
+    assert "--pi-factor" not in no_pi and "--pi-start-fraction" not in no_pi and "--no-padding-insertion" in no_pi
     assert "--random-init" in calls["random_pi.log"]
-    strip = {"--pi-factor", "4", "--no-padding-insertion", "--random-init"}
+    strip = {"--pi-factor", "4", "--pi-start-fraction", "0.5", "--no-padding-insertion", "--random-init"}
     common = [[a for a in argv if a not in strip and "/qa/" not in a] for argv in calls.values()]
     assert common[0] == common[1] == common[2]

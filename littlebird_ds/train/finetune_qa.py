@@ -238,6 +238,8 @@ class QABatches:
     padding_insertion: float = 0.5
     pi_max_length: int | None = None
     pi_factor: int = 8
+    pi_start_step: int = 0
+    """Optimizer steps before this one get no Padding Insertion (a warm-up on plain short contexts)."""
 
     def pi_target(self, stage_length: int) -> int:
         """The longest Padding Insertion target at a stage of ``stage_length`` tokens."""
@@ -261,7 +263,8 @@ class QABatches:
             while last is None or m < last:
                 batch = next(it)
                 rng = np.random.default_rng([self.seed, m, dp_rank])
-                if self.padding_insertion > 0 and rng.random() < self.padding_insertion:
+                pi_now = self.padding_insertion > 0 and m // self.grad_accum >= self.pi_start_step
+                if pi_now and rng.random() < self.padding_insertion:
                     batch = apply_padding_insertion(batch, max_length=self.pi_target(length),
                                                     pad_token_id=self.pad_token_id, block_size=self.block_size,
                                                     rng=rng)
@@ -345,6 +348,10 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--preset builds a model from scratch and needs --tokenizer DIR")
     if not 0.0 <= args.padding_insertion <= 1.0:
         raise ValueError(f"--padding-insertion must be a probability in [0, 1], got {args.padding_insertion}")
+    pi_start = float(getattr(args, "pi_start_fraction", 0.0))
+    if not 0.0 <= pi_start < 1.0:
+        raise ValueError(f"--pi-start-fraction must be in [0, 1) (the share of --max-steps before Padding Insertion "
+                         f"starts), got {pi_start}")
     for flag, path in [("--train", args.train), *[("--validation", p) for p in _split_paths(args.validation)]]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist; pass a SQuAD-format JSON or JSONL file")
@@ -381,6 +388,7 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
         stages=[(length, stage_rows[length]) for length, _ in stages_spec], bounds=bounds, batch_size=micro,
         grad_accum=accum, seed=args.seed, pad_token_id=config.pad_token_id, block_size=block,
         padding_insertion=pi, pi_max_length=args.pi_max_length, pi_factor=args.pi_factor,
+        pi_start_step=int(round(pi_start * args.max_steps)),
     )
     last_eval: dict[str, Any] = {}
 
@@ -433,6 +441,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--pi-max-length", type=int, default=None, metavar="N",
                    help="longest Padding Insertion target (default: --pi-factor x the current training length)")
     g.add_argument("--pi-factor", type=int, default=8, help="see --pi-max-length (default 8)")
+    g.add_argument("--pi-start-fraction", type=float, default=0.0, metavar="F",
+                   help="Padding Insertion only after this share of --max-steps (default 0: from the start); a "
+                        "distilled student left the QA plateau more slowly with Padding Insertion from step 0")
     g.add_argument("--eval-max-length", type=int, default=DEFAULT_EVAL_MAX_LENGTH,
                    help=f"validation window in tokens (default {DEFAULT_EVAL_MAX_LENGTH}: whole contexts)")
     g.add_argument("--max-eval-examples", type=int, default=None, metavar="N",
