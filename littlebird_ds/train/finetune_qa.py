@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
