@@ -255,9 +255,9 @@ class Pipeline:
                 argv += ["--curriculum", s["qa_curriculum"]]
             if "--no-padding-insertion" not in model_args:  # the longest Padding Insertion target, x stage length
                 argv += ["--pi-factor", str(s["qa_pi_factor"])]
-                if float(s.get("qa_pi_start_fraction", 0.0)) > 0:  # a warm-up on plain short contexts first
+                if s["qa_pi_start_fraction"] > 0:  # a warm-up on plain short contexts first
                     argv += ["--pi-start-fraction", str(s["qa_pi_start_fraction"])]
-            if float(s.get("qa_bialibi_lr_scale", 1.0)) != 1.0:  # the same for all three runs
+            if s["qa_bialibi_lr_scale"] != 1.0:  # the same for all three runs
                 argv += ["--bialibi-lr-scale", str(s["qa_bialibi_lr_scale"])]
             self._run("qa", argv + self._train_common(out, s["qa_steps"]), train=True, log_name=f"{name}.log")
             _atomic_json(out / "DONE.json", {"model": str(out / "final")})
