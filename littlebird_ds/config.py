@@ -45,6 +45,10 @@ class LittleBirdConfig(PretrainedConfig):
             inference only, torch has no CPU backward for it).
         bialibi_first_token: ``"constant"`` (default): the first token ``[CLS]`` is at distance
             ``alpha`` from every position; ``"linear"``: ``alpha * |i - j|``.
+        bialibi_global_keys: how many leading keys get that first-token term (``1``, the
+            default and the spec: ``[CLS]`` only). Up to ``block_size``: the question of a QA
+            input (in block 0) is then seen from every distance at the same bias instead of
+            ``beta * distance`` below it (project option; docs/qa.md, "Question reach").
     """
 
     model_type = "littlebird"
@@ -67,6 +71,7 @@ class LittleBirdConfig(PretrainedConfig):
         pack_size: int = 64,
         attention_kernel: str = "auto",
         bialibi_first_token: str = "constant",
+        bialibi_global_keys: int = 1,
         **kwargs,
     ):
         # Validate before anything is stored or built (PretrainedConfig.__init__ included).
@@ -87,6 +92,7 @@ class LittleBirdConfig(PretrainedConfig):
             pack_size=pack_size,
             attention_kernel=attention_kernel,
             bialibi_first_token=bialibi_first_token,
+            bialibi_global_keys=bialibi_global_keys,
         )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -103,6 +109,7 @@ class LittleBirdConfig(PretrainedConfig):
         self.pack_size = pack_size
         self.attention_kernel = attention_kernel
         self.bialibi_first_token = bialibi_first_token
+        self.bialibi_global_keys = bialibi_global_keys
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
@@ -162,4 +169,11 @@ def _validate(**f) -> None:
         raise ValueError(
             f"LittleBirdConfig.bialibi_first_token must be one of {FIRST_TOKEN_BIAS}, "
             f"got {f['bialibi_first_token']!r}"
+        )
+    _check_int("bialibi_global_keys", f["bialibi_global_keys"], 1,
+               "use 1 ([CLS] only, the spec) or up to block_size (the whole first block)")
+    if f["bialibi_global_keys"] > f["block_size"]:
+        raise ValueError(
+            f"LittleBirdConfig.bialibi_global_keys ({f['bialibi_global_keys']}) must be <= block_size "
+            f"({f['block_size']}): only block 0 is seen by every query; use at most {f['block_size']}"
         )

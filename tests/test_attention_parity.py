@@ -42,7 +42,7 @@ def _case(lengths, block, pack, heads, dh=8, seed=0, first_token="constant", ins
 KERNELS = {"eager": eager_attention, "blocked": blocked_attention}
 
 
-def _check(lengths, block, pack, heads, kernel="eager", **kw):
+def _check(lengths, block, pack, heads, kernel="eager", global_keys=1, **kw):
     tensors, bialibi, layout, mask = _case(lengths, block, pack, heads, **kw)
     first = kw.get("first_token", "constant")
     grads = []
@@ -51,7 +51,7 @@ def _check(lengths, block, pack, heads, kernel="eager", **kw):
         for t in list(tensors) + list(bialibi.parameters()):
             if t is not None:
                 t.grad = None
-        out = fn(*tensors, bialibi.slopes(), layout, first_token=first)
+        out = fn(*tensors, bialibi.slopes(), layout, first_token=first, global_keys=global_keys)
         real = mask.bool().unsqueeze(1).unsqueeze(-1)  # outputs at pad positions are never read
         out = out * real
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
@@ -92,6 +92,24 @@ def test_kernel_matches_dense_with_linear_first_token_bias(kernel):
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("global_keys,first_token", [(5, "constant"), (8, "constant"), (8, "linear")])
+def test_kernel_matches_dense_with_the_whole_first_block_at_the_first_token_distance(kernel, global_keys, first_token):
+    # bialibi_global_keys > 1: keys 0..g-1 (a QA question) at alpha from every query; the
+    # padded batch with inserted pads has rows of 4 blocks and rows long enough for interior ones.
+    _check([90, 30], 8, 4, 2, kernel, global_keys=global_keys, first_token=first_token, inserted_pads=True)
+
+
+def test_global_keys_put_far_queries_at_the_constant_distance_from_the_whole_first_block():
+    from littlebird_ds.model.bialibi import bialibi_distance
+
+    one = torch.ones(1)
+    far = bialibi_distance(torch.tensor([[1000]]), torch.arange(8).view(1, 8), 0.5 * one, one, one, global_keys=5)
+    assert far.flatten().tolist() == [0.5] * 5 + [995.0, 994.0, 993.0]
+    spec = bialibi_distance(torch.tensor([[1000]]), torch.arange(3).view(1, 3), 0.5 * one, one, one)
+    assert spec.flatten().tolist() == [0.5, 999.0, 998.0]
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_kernel_matches_dense_when_most_scores_lie_far_below_the_row_maximum(kernel):
     """Steep BiALiBi slopes over long distances: most scores are 30+ below their row's maximum,
     where the blocked kernel's softmax floor acts (see ``blocked._FLOOR``)."""
@@ -121,7 +139,7 @@ def test_blocked_kernel_dropout_gradients_match_autograd_through_the_same_mask()
     q, k, v, kp, vp = tensors
     B, H, l, dh = q.shape
     b, n = layout.block_size, layout.num_blocks
-    pat = blocked._patterns(layout, "constant", q.device)
+    pat = blocked._patterns(layout, ("constant", 1), q.device)
     kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
     kg, vg = torch.cat([kp, kb[:, :, 0]], 2), torch.cat([vp, vb[:, :, 0]], 2)
     with torch.enable_grad():

@@ -11,12 +11,13 @@ from littlebird_ds.model.attention import eager_attention, flex, get_kernel, sel
 from test_attention_parity import TOL, _case
 
 
-def _compare(lengths, block, pack, heads, first_token="constant", **kw):
+def _compare(lengths, block, pack, heads, first_token="constant", global_keys=1, **kw):
     tensors, bialibi, layout, mask = _case(lengths, block, pack, heads, first_token=first_token, **kw)
     tensors = [None if t is None else t.detach() for t in tensors]
+    rule = dict(first_token=first_token, global_keys=global_keys)
     with torch.no_grad():
-        got = flex.flex_kernel(*tensors, bialibi.slopes(), layout, first_token=first_token)
-        want = eager_attention(*tensors, bialibi.slopes(), layout, first_token=first_token)
+        got = flex.flex_kernel(*tensors, bialibi.slopes(), layout, **rule)
+        want = eager_attention(*tensors, bialibi.slopes(), layout, **rule)
     real = mask.bool().view(len(lengths), 1, -1, 1)  # outputs at pad positions are never read
     torch.testing.assert_close(got * real, want * real, **TOL)
 
@@ -43,6 +44,11 @@ def test_flex_matches_eager(uncompiled, lengths, block, pack, heads, first_token
 
 def test_flex_matches_eager_with_inserted_padding(uncompiled):
     _compare([70, 45], 8, 4, 2, inserted_pads=True)
+
+
+def test_flex_matches_eager_with_the_whole_first_block_global(uncompiled):
+    _compare([70, 45], 8, 4, 2, inserted_pads=True, global_keys=8)
+    _compare([61, 23], 8, 3, 2, first_token="linear", global_keys=6)
 
 
 def test_compiled_flex_matches_eager():

@@ -230,6 +230,8 @@ def test_bad_input_raises_a_clear_value_error(kwargs, match):
         ("hidden_dropout_prob", 1.5, "hidden_dropout_prob"),
         ("pad_token_id", 500, "pad_token_id"),
         ("vocab_size", 0, "vocab_size"),
+        ("bialibi_global_keys", 0, "bialibi_global_keys must be an integer >= 1"),
+        ("bialibi_global_keys", 10_000, "bialibi_global_keys .* must be <= block_size"),
     ],
 )
 def test_invalid_config_values_raise_before_any_module_is_built(field, value, match):

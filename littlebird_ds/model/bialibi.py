@@ -3,12 +3,18 @@
 For query position ``i`` and key position ``j`` (absolute indices in the padded tensor)::
 
     D[h,i,j] = 0                  if i == j
-             = alpha_h            if i == 0 or j == 0     (or alpha_h * |i - j|, "linear")
+             = alpha_h            if i == 0 or j < g      (or alpha_h * |i - j|, "linear")
              = beta_h  * (i - j)  if i > j
              = gamma_h * (j - i)  if i < j
     score    = q.k / sqrt(d_h) - D
 
 Packed keys sit at the constant distance ``Dp = (beta + gamma) / 2 * b``.
+
+``g`` (config ``bialibi_global_keys``) is 1 in the spec: only ``[CLS]`` is at the constant
+distance. A larger ``g`` (up to the block size) puts the first ``g`` keys, the question of a
+QA input, at the constant distance from every query, so a token 8,000 positions away sees
+the question as a neighbour does instead of ``8000 * beta`` below it (project option, off by
+default; docs/qa.md, "Question reach").
 
 The three slopes are trainable per head, kept in fp32 and parameterised through softplus so
 they never go below 0 (project decision: negative slopes made far keys win at long lengths).
@@ -88,15 +94,17 @@ def bialibi_distance(
     beta: torch.Tensor,
     gamma: torch.Tensor,
     first_token: str = "constant",
+    global_keys: int = 1,
 ) -> torch.Tensor:
     """``D[h, ...]`` for broadcastable integer position tensors ``qpos`` and ``kpos``.
 
     ``alpha/beta/gamma`` are ``[h]``; the result is ``[h, *broadcast(qpos, kpos).shape]`` fp32.
+    Query 0 and keys at positions ``< global_keys`` get the first-token term.
     """
     rel = (qpos - kpos).float()  # > 0: key on the left
     shape = (-1,) + (1,) * rel.dim()
     a, b, g = alpha.view(shape), beta.view(shape), gamma.view(shape)
     d = torch.where(rel > 0, b * rel, g * (-rel))
-    first = (qpos == 0) | (kpos == 0)
+    first = (qpos == 0) | ((kpos >= 0) & (kpos < global_keys))
     d = torch.where(first, a * rel.abs() if first_token == "linear" else a.expand_as(d), d)
     return d.masked_fill(rel == 0, 0.0)

@@ -120,6 +120,7 @@ class UnpackSlidingWindowAttention(nn.Module):
         self.head_dim = config.head_dim
         self.kernel_name = config.attention_kernel
         self.first_token = config.bialibi_first_token
+        self.global_keys = config.bialibi_global_keys
         self.dropout_p = config.attention_probs_dropout_prob
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
@@ -135,7 +136,7 @@ class UnpackSlidingWindowAttention(nn.Module):
         needs_backward = torch.is_grad_enabled() and (q.requires_grad or self.bialibi.alpha_raw.requires_grad)
         kernel = get_kernel(self.kernel_name, q.device.type, needs_backward)
         slopes = self.bialibi.slopes(head_start, q.shape[1])
-        return kernel(q, k, v, kp, vp, slopes, layout, first_token=self.first_token,
+        return kernel(q, k, v, kp, vp, slopes, layout, first_token=self.first_token, global_keys=self.global_keys,
                       dropout_p=self.dropout_p, training=self.training)
 
     def forward(self, x: torch.Tensor, cp: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Every kernel computes the unpack & sliding-window attention of spec section 3 with the
 signature of :class:`AttentionKernel`::
 
-    out = kernel(q, k, v, kp, vp, slopes, layout, first_token=..., dropout_p=..., training=...)
+    out = kernel(q, k, v, kp, vp, slopes, layout, first_token=..., global_keys=..., dropout_p=..., training=...)
 
 Shape legend (used in every kernel file):
     B  batch              H  heads held by this rank      l  padded length (n * b)
@@ -43,6 +43,7 @@ class AttentionKernel(Protocol):
         layout: BlockLayout,
         *,
         first_token: str = "constant",
+        global_keys: int = 1,
         dropout_p: float = 0.0,
         training: bool = False,
     ) -> torch.Tensor: ...

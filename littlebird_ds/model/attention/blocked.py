@@ -80,20 +80,21 @@ class _Scratch:
         return buf[:numel].view(shape)
 
 
-def _unit_patterns(qpos: torch.Tensor, kpos: torch.Tensor, first_token: str) -> torch.Tensor:
-    """``[3, ...]`` the distance patterns ``F, L, R`` with ``D = alpha F + beta L + gamma R``."""
+def _unit_patterns(qpos: torch.Tensor, kpos: torch.Tensor, rule: tuple[str, int]) -> torch.Tensor:
+    """``[3, ...]`` the distance patterns ``F, L, R`` with ``D = alpha F + beta L + gamma R``;
+    ``rule`` is ``(first_token, global_keys)``."""
     eye = torch.eye(3, device=qpos.device)
-    return bialibi_distance(qpos, kpos, eye[0], eye[1], eye[2], first_token)
+    return bialibi_distance(qpos, kpos, eye[0], eye[1], eye[2], *rule)
 
 
-def _patterns(layout: BlockLayout, first_token: str, device: torch.device) -> dict:
+def _patterns(layout: BlockLayout, rule: tuple[str, int], device: torch.device) -> dict:
     """Per-layout constants, built once per forward and shared by every layer."""
-    key = ("blocked", first_token, str(device))
+    key = ("blocked", rule, str(device))
     if key in layout.cache:
         return layout.cache[key]
     b, n, l = layout.block_size, layout.num_blocks, layout.length
     pos = torch.arange(l, device=device)
-    p0 = _unit_patterns(pos.view(l, 1), pos[:b].view(1, b), first_token)  # [3, l, b]
+    p0 = _unit_patterns(pos.view(l, 1), pos[:b].view(1, b), rule)  # [3, l, b]
     ws = layout.window_start.to(device)  # [B, n]
     delta = torch.arange(n, device=device) - ws  # [B, n] query block minus window start
     shifts, inverse = torch.unique(delta, return_inverse=True)  # [U], [B, n]
@@ -101,12 +102,12 @@ def _patterns(layout: BlockLayout, first_token: str, device: torch.device) -> di
     c = torch.arange(3 * b, device=device)
     # Query i*b + r, key w*b + c: only i - w matters, except for query 0 (block 0, r = 0), which
     # gets its own row q0. Positions are offset by 2b so that no table position reads as the
-    # first token (window keys never are: w >= 1).
+    # first token or a global key (window keys never are: w >= 1 and global_keys <= b).
     qpos = shifts.view(-1, 1, 1) * b + r.view(1, b, 1) + 2 * b  # [U, b, 1]
-    pw = _unit_patterns(qpos, (c + 2 * b).view(1, 1, 3 * b), first_token)  # [3, U, b, 3b]
+    pw = _unit_patterns(qpos, (c + 2 * b).view(1, 1, 3 * b), rule)  # [3, U, b, 3b]
     block0_delta = int(delta[0, 0])
     q0 = _unit_patterns(torch.zeros(1, 1, device=device, dtype=torch.long),
-                        (ws[0, 0] * b + c).view(1, 3 * b), first_token)  # [3, 1, 3b]
+                        (ws[0, 0] * b + c).view(1, 3 * b), rule)  # [3, 1, 3b]
     wb = layout.window_blocks().to(device)  # [B, n, 3]
     uniform = bool((wb == wb[:1]).all())
     interior = delta == 1  # [B, n]
@@ -260,14 +261,14 @@ def _buffers(layout: BlockLayout, q: torch.Tensor, use: bool = True):
     return lambda name, *shape: scratch.get(name, *shape, like=q)
 
 
-def _recompute_scores(q, k, v, kp, vp, slopes, layout, first_token, buf):
+def _recompute_scores(q, k, v, kp, vp, slopes, layout, rule, buf):
     """The part forward and backward share: ``(pat, qs, kg, vg, sg, sw)``, the layout's patterns,
     the pre-scaled queries, the global keys and values ``[B, H, K, dh]`` and the biased,
     masked scores (``_scores``), in scratch buffers where ``buf`` gives them."""
     B, H, l, dh = q.shape
     b, n = layout.block_size, layout.num_blocks
     s = 0 if kp is None else kp.shape[2]
-    pat = _patterns(layout, first_token, q.device)
+    pat = _patterns(layout, rule, q.device)
     qs = torch.mul(q, dh**-0.5, out=buf("qs", B, H, l, dh))  # [B, H, l, dh] contiguous
     kb, vb = k.view(B, H, n, b, dh), v.view(B, H, n, b, dh)
     kg = kb[:, :, 0] if kp is None else torch.cat([kp, kb[:, :, 0]], dim=2)  # [B, H, K, dh]
@@ -281,12 +282,12 @@ def _recompute_scores(q, k, v, kp, vp, slopes, layout, first_token, buf):
 
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, dropout_p, scratch):
+    def forward(ctx, q, k, v, kp, vp, alpha, beta, gamma, layout, rule, dropout_p, scratch):
         B, H, l, dh = q.shape
         b, n = layout.block_size, layout.num_blocks
         s = 0 if kp is None else kp.shape[2]
         buf = _buffers(layout, q, use=scratch)
-        pat, qs, kg, vg, sg, sw = _recompute_scores(q, k, v, kp, vp, (alpha, beta, gamma), layout, first_token, buf)
+        pat, qs, kg, vg, sg, sw = _recompute_scores(q, k, v, kp, vp, (alpha, beta, gamma), layout, rule, buf)
         # One softmax over [global keys | window keys], computed in place.
         m = torch.maximum(sg.amax(-1), sw.amax(-1).view(B, H, l))  # [B, H, l]
         pg = sg.sub_(m.unsqueeze(-1)).clamp_(min=_FLOOR).exp_()
@@ -312,7 +313,7 @@ class _BlockedAttention(torch.autograd.Function):
         # A new tensor always (``contiguous()`` would return the scratch buffer itself for H = 1).
         out = torch.empty(B, l, H, dh, dtype=out.dtype, device=out.device).copy_(out.transpose(1, 2)).transpose(1, 2)
         ctx.save_for_backward(q, k, v, kp, vp, alpha, beta, gamma, out, lse, log_total, *masks)
-        ctx.layout, ctx.first_token, ctx.dropout_p, ctx.s = layout, first_token, dropout_p, s
+        ctx.layout, ctx.rule, ctx.dropout_p, ctx.s = layout, rule, dropout_p, s
         return out
 
     @staticmethod
@@ -322,7 +323,7 @@ class _BlockedAttention(torch.autograd.Function):
         B, H, l, dh = q.shape
         b, n = layout.block_size, layout.num_blocks
         buf = _buffers(layout, q)
-        pat, qs, kg, vg, sg, sw = _recompute_scores(q, k, v, kp, vp, (alpha, beta, gamma), layout, ctx.first_token, buf)
+        pat, qs, kg, vg, sg, sw = _recompute_scores(q, k, v, kp, vp, (alpha, beta, gamma), layout, ctx.rule, buf)
         scale = dh**-0.5
         # Recomputed probabilities: exp(max(x - m, floor) - log_total) = exp(max(x - lse, floor - log_total)).
         floor = _FLOOR - log_total  # [B, H, l]
@@ -391,6 +392,7 @@ def blocked_attention(
     layout: BlockLayout,
     *,
     first_token: str = "constant",
+    global_keys: int = 1,
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
@@ -399,4 +401,4 @@ def blocked_attention(
     # Scratch buffers when a backward follows: an inference forward would keep them for its
     # whole length, on top of the feed-forward's peak (16k tokens: 0.24 -> 0.37 GB).
     scratch = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha))
-    return _BlockedAttention.apply(q, k, v, kp, vp, alpha, beta, gamma, layout, first_token, p, scratch)
+    return _BlockedAttention.apply(q, k, v, kp, vp, alpha, beta, gamma, layout, (first_token, global_keys), p, scratch)

@@ -13,11 +13,12 @@ from ..bialibi import bialibi_distance
 from ..layout import BlockLayout
 
 
-def dense_attention(q, k, v, kp, vp, slopes, layout: BlockLayout, *, first_token: str = "constant") -> torch.Tensor:
+def dense_attention(q, k, v, kp, vp, slopes, layout: BlockLayout, *, first_token: str = "constant",
+                    global_keys: int = 1) -> torch.Tensor:
     alpha, beta, gamma = slopes
     B, H, l, dh = q.shape
     pos = torch.arange(l, device=q.device)
-    d_tok = bialibi_distance(pos.view(l, 1), pos.view(1, l), alpha, beta, gamma, first_token)  # [H, l, l]
+    d_tok = bialibi_distance(pos.view(l, 1), pos.view(1, l), alpha, beta, gamma, first_token, global_keys)  # [H, l, l]
     allowed = layout.allowed() & layout.key_mask.unsqueeze(1)  # [B, l, l]
     bias = (-d_tok).unsqueeze(0).masked_fill(~allowed.unsqueeze(1), float("-inf"))  # [B, H, l, l]
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / dh**0.5 + bias  # [B, H, l, l]

@@ -43,6 +43,7 @@ def eager_attention(
     layout: BlockLayout,
     *,
     first_token: str = "constant",
+    global_keys: int = 1,
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
@@ -58,12 +59,12 @@ def eager_attention(
     qpos = torch.arange(l, device=q.device).view(n, b)  # [n, b]
     # Block 0: the first block's keys, seen by every query.
     s0 = torch.matmul(q, kb[:, :, 0].transpose(-1, -2)).float().view(B, H, n, b, b)
-    d0 = bialibi_distance(qpos.unsqueeze(-1), qpos[0].view(1, 1, b), alpha, beta, gamma, first_token)  # [H, n, b, b]
+    d0 = bialibi_distance(qpos.unsqueeze(-1), qpos[0].view(1, 1, b), alpha, beta, gamma, first_token, global_keys)  # [H, n, b, b]
     s0 = (s0 - d0).masked_fill(~layout.key_mask[:, :b].view(B, 1, 1, 1, b), neg)
     # Window: three blocks around the query block, shifted inward at the sequence's edges.
     sw = torch.matmul(qb, kw.transpose(-1, -2)).float()  # [B, H, n, b, 3b]
     kwpos = window_key_positions(layout)  # [B, n, 3b]
-    dw = bialibi_distance(qpos.view(1, n, b, 1), kwpos.unsqueeze(2), alpha, beta, gamma, first_token)  # [H, B, n, b, 3b]
+    dw = bialibi_distance(qpos.view(1, n, b, 1), kwpos.unsqueeze(2), alpha, beta, gamma, first_token, global_keys)  # [H, B, n, b, 3b]
     rows = torch.arange(B, device=q.device).view(B, 1, 1)
     wmask = layout.key_mask.view(B, n, b)[rows, layout.window_blocks()].view(B, 1, n, 1, 3 * b)
     sw = (sw - dw.transpose(0, 1)).masked_fill(~wmask, neg)

@@ -106,6 +106,7 @@ def flex_kernel(
     layout: BlockLayout,
     *,
     first_token: str = "constant",
+    global_keys: int = 1,
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
@@ -132,7 +133,7 @@ def flex_kernel(
         j = kv_idx - sp  # token position of the key (negative: packed)
         rel = (q_idx - j).float()
         d = torch.where(rel > 0, beta[h] * rel, gamma[h] * (-rel))
-        first = (q_idx == 0) | (j == 0)
+        first = (q_idx == 0) | ((j >= 0) & (j < global_keys))
         d = torch.where(first, alpha[h] * rel.abs() if linear else alpha[h], d)
         d = torch.where(rel == 0, 0.0, d)
         return score - torch.where(j < 0, dp[h], d)
