@@ -40,6 +40,9 @@ def main() -> None:
                    help="first train this many steps on synthetic copy questions over random tokens")
     p.add_argument("--bialibi-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier of LittleBird's BiALiBi slopes (as the training commands' flag)")
+    p.add_argument("--bialibi-global-keys", type=int, default=None, metavar="N",
+                   help="LittleBird only: the first N keys (the question in block 0) at BiALiBi's constant "
+                        "first-token distance (config bialibi_global_keys; default: the model's own, 1)")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start from a pretrained model instead of random: for LittleBird e.g. a pretrain run's "
                         "OUT/final, for --model bert any Hugging Face BERT-style encoder folder")
@@ -60,18 +63,22 @@ def main() -> None:
                                      block_size=args.block_size)
     train, val = rows["train"], rows["validation"][: args.eval_windows]
     pad = tok.pad_token_id
-    dropout = dict(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    overrides = dict(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if args.bialibi_global_keys is not None:
+        if args.model != "littlebird":
+            raise SystemExit("--bialibi-global-keys is a LittleBird option")
+        overrides["bialibi_global_keys"] = args.bialibi_global_keys
     if args.init:
         from transformers import AutoModelForQuestionAnswering
 
         import littlebird_ds  # noqa: F401 - registers LittleBird with the Auto classes
 
-        model = AutoModelForQuestionAnswering.from_pretrained(args.init, **dropout)
+        model = AutoModelForQuestionAnswering.from_pretrained(args.init, **overrides)
     elif args.model == "bert":
         model = build_model("bert", args.preset, len(tok), pad, head="qa",
-                            max_position_embeddings=max(512, args.length), **dropout)
+                            max_position_embeddings=max(512, args.length), **overrides)
     else:
-        model = build_model("littlebird", args.preset, len(tok), pad, head="qa", block_size=args.block_size, **dropout)
+        model = build_model("littlebird", args.preset, len(tok), pad, head="qa", block_size=args.block_size, **overrides)
     from littlebird_ds.train.engine import param_groups
 
     opt = torch.optim.AdamW(param_groups(model, 0.01, bialibi_lr_scale=args.bialibi_lr_scale, lr=args.lr), lr=args.lr)

@@ -250,6 +250,32 @@ def test_random_init_builds_the_models_architecture_with_fresh_weights(model_dir
 
 
 
+def test_bialibi_global_keys_overrides_a_pretrained_config_and_keeps_its_weights(model_dir, tok, tmp_path):
+    from littlebird_ds import LittleBirdForQuestionAnswering
+    from littlebird_ds.train.finetune_qa import build_qa_model_factory, finetune_qa
+
+    pretrained = LittleBirdForQuestionAnswering.from_pretrained(model_dir)
+    assert pretrained.config.bialibi_global_keys == 1
+    factory, config = build_qa_model_factory(str(model_dir), None, tok, global_keys=BLOCK)
+    model = factory()
+    assert config.bialibi_global_keys == model.config.bialibi_global_keys == BLOCK
+    assert all(layer.attention.global_keys == BLOCK for layer in model.littlebird.layers)
+    for name, tensor in pretrained.littlebird.state_dict().items():
+        assert torch.equal(tensor, model.littlebird.state_dict()[name]), name
+    # The far question changes the outputs: the first block's keys are no longer distance-biased.
+    ids = torch.randint(5, len(tok), (1, 40 * BLOCK))
+    ids[0, 0] = tok.cls_token_id
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(input_ids=ids).start_logits, pretrained.eval()(input_ids=ids).start_logits)
+
+    train = _write(tmp_path / "train.json", _examples(4, seed=0))
+    args = _finetune_args(["--model", str(model_dir), "--bialibi-global-keys", str(BLOCK + 1),
+                           "--train", str(train), "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="bialibi_global_keys .* must be <= block_size"):
+        finetune_qa(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pi_start_fraction_outside_0_1_is_a_clear_error_before_anything_is_written(tmp_path):
     from littlebird_ds.train.finetune_qa import finetune_qa
 

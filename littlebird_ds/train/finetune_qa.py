@@ -282,10 +282,12 @@ def qa_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
-def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer: Any, random_init: bool = False):
+def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer: Any, random_init: bool = False,
+                           global_keys: int | None = None):
     """``(factory, config)``: a factory building the QA model from ``model_dir`` (pretrained
     weights; a missing QA head is initialised; with ``random_init`` only its architecture, with
-    fresh weights) or from a preset (random init)."""
+    fresh weights) or from a preset (random init). ``global_keys`` sets the config's
+    ``bialibi_global_keys`` (no weights depend on it; ``None`` keeps the model's own)."""
     import littlebird_ds  # noqa: F401 - registers the Auto* classes
     from littlebird_ds import LittleBirdConfig, LittleBirdForQuestionAnswering
 
@@ -298,23 +300,26 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
                 f"the tokenizer has {vocab} tokens but the model at {model_dir} only {config.vocab_size}; "
                 "pass the tokenizer the model was trained with (--tokenizer)"
             )
+        if global_keys is not None:  # through the constructor, so the value is validated
+            config = LittleBirdConfig.from_dict({**config.to_dict(), "bialibi_global_keys": global_keys})
         if random_init:
             return (lambda: LittleBirdForQuestionAnswering(config)), config
 
         def factory():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "newly initialized qa_outputs" is expected
-                return LittleBirdForQuestionAnswering.from_pretrained(model_dir)
+                return LittleBirdForQuestionAnswering.from_pretrained(model_dir, config=config)
 
         return factory, config
     try:
         from littlebird_ds.train.presets import build_config
     except ImportError:  # the presets module is optional; the tiny preset is known here too
         build_config = None
+    extra = {} if global_keys is None else {"bialibi_global_keys": global_keys}
     if build_config is not None:
-        config = build_config("littlebird", preset, vocab, pad)
+        config = build_config("littlebird", preset, vocab, pad, **extra)
     elif preset in PRESETS:
-        config = LittleBirdConfig(vocab_size=vocab, pad_token_id=pad, **PRESETS[preset])
+        config = LittleBirdConfig(vocab_size=vocab, pad_token_id=pad, **PRESETS[preset], **extra)
     else:
         raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or pass --model DIR")
     return (lambda: LittleBirdForQuestionAnswering(config)), config
@@ -355,7 +360,8 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist; pass a SQuAD-format JSON or JSONL file")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, use_fast=True)
-    factory, config = build_qa_model_factory(args.model, args.preset, tokenizer, args.random_init)
+    factory, config = build_qa_model_factory(args.model, args.preset, tokenizer, args.random_init,
+                                             getattr(args, "bialibi_global_keys", None))
     block = int(config.block_size)
     pi = 0.0 if args.no_padding_insertion else float(args.padding_insertion)
     stages_spec = parse_curriculum(args.curriculum, args.max_length)
@@ -427,6 +433,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="with --model: its architecture with fresh random weights (the baseline that shows "
                         "what pretraining adds)")
     g.add_argument("--tokenizer", metavar="DIR", help="fast tokenizer directory (default: --model)")
+    g.add_argument("--bialibi-global-keys", type=int, default=None, metavar="N",
+                   help="put the first N keys (up to the block size: the question in block 0) at BiALiBi's constant "
+                        "first-token distance from every query, instead of a bias growing with distance (default: "
+                        "the model's own setting; 1, [CLS] only, is the spec). Saved in the model's config")
     g.add_argument("--train", required=True, metavar="FILE", help="SQuAD-format training file (JSON or JSONL)")
     g.add_argument("--validation", metavar="FILE[,FILE...]", default=None,
                    help="validation file(s); several (e.g. one per context length) are scored separately")
