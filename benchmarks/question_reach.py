@@ -91,21 +91,19 @@ def evaluate(model, lengths, args) -> dict:
     with torch.no_grad():
         for length in lengths:
             rng = np.random.default_rng(10_000 + length)
-            hits = np.zeros(len(DISTANCE_BINS) - 1)
-            counts = np.zeros(len(DISTANCE_BINS) - 1)
+            nbins = len(DISTANCE_BINS) - 1
+            hits, counts = np.zeros(nbins), np.zeros(nbins)
             rows = max(1, args.eval_tokens // length)
-            for i in range(0, rows, max(1, args.batch_size * args.length // length)):
-                b = make_batch(rng, min(rows - i, max(1, args.batch_size * args.length // length)), length,
-                               args.vocab, args.question)
+            per_batch = max(1, args.batch_size * args.length // length)  # about the training batch's tokens
+            which = np.digitize(np.arange(length) - (args.question + 1), DISTANCE_BINS) - 1  # bin of each position
+            for i in range(0, rows, per_batch):
+                b = make_batch(rng, min(rows - i, per_batch), length, args.vocab, args.question)
                 pred = model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).argmax(-1)
                 ok = (pred == b["labels"]).numpy()
                 valid = (b["labels"] >= 0).numpy()
-                dist = np.arange(length) - (args.question + 1)
-                which = np.digitize(dist, DISTANCE_BINS) - 1
-                for k in range(len(counts)):
-                    sel = valid & (which == k)[None, :]
-                    hits[k] += ok[sel].sum()
-                    counts[k] += sel.sum()
+                bins = np.broadcast_to(which, valid.shape)[valid]
+                hits += np.bincount(bins, weights=ok[valid], minlength=nbins)
+                counts += np.bincount(bins, minlength=nbins)
             out[length] = {
                 "accuracy": float(hits.sum() / counts.sum()),
                 "by_distance": {f"{DISTANCE_BINS[k]}-{DISTANCE_BINS[k + 1]}": float(hits[k] / counts[k])
@@ -208,16 +206,12 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON results; the plot goes next to it (.png)")
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variant]
-
+    from littlebird_ds.data.make_qa import atomic_write_json
 
     results = []
     for name, pi_max, overrides in variants:
         results.append(run_variant(name, pi_max, overrides, args))
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
-        os.replace(tmp, args.out)
+        atomic_write_json(args.out, {"args": vars(args), "results": results})  # kept after every variant
 
     bins = [k for k in results[0]["eval"][max(args.eval_lengths)]["by_distance"]]
     print("\naccuracy by distance from the question (chance 0.5), longest eval length")
