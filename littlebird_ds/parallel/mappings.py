@@ -211,6 +211,14 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, group, dim: int = 1) -
     return x if _size(group) == 1 else _GatherFromRegion.apply(x, group, dim, None)
 
 
+def gather_rows_from_sequence_parallel_region(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """Forward: concatenate every SP rank's rows ``[M_r, ...] -> [sum(M_r), ...]`` in rank order
+    (``sizes`` = every rank's ``M_r``, known to all ranks); backward: keep this rank's rows. For
+    outputs whose downstream is identical on every SP rank (see module doc), such as the
+    masked-token logits of a batch whose labels every rank holds."""
+    return x if _size(group) == 1 else _GatherFromRegion.apply(x, group, 0, list(sizes))
+
+
 def gather_heads_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Forward: all-gather head shards ``[B, H/P, s, dh] -> [B, H, s, dh]``; backward:
     reduce-scatter (the replicated result carries partial gradients, see module doc)."""

@@ -67,6 +67,7 @@ from .mappings import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     gather_heads_from_sequence_parallel_region,
+    gather_rows_from_sequence_parallel_region,
     head_to_seq,
     reduce_from_sequence_parallel_region,
     seq_to_head,
@@ -211,9 +212,12 @@ def _mlm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
     local tokens, summed over SP and divided by the labelled-token count of the whole batch.
 
     ``masked_logits_only=True`` (with ``labels``): the vocabulary projection only at this rank's
-    labelled tokens, returned as ``logits [M_local, V/P_tp]`` (row-major order of the local
-    ``labels != -100``); the same loss without the ``[B, t, V]`` tensor, which at a 32k
-    vocabulary is most of a long document's activation memory."""
+    labelled tokens (the loss never sees a ``[B, t, V]`` tensor, which at a 32k vocabulary is most
+    of a long document's activation memory); the returned ``logits`` keep the single-process
+    contract, ``[M, V]`` over the whole vocabulary in row-major order of the whole batch's
+    ``labels != -100``, gathered over TP (vocabulary) and SP (rows) with gradients back to this
+    rank's shard, so accuracy, evaluation and distillation read them as they do without
+    parallelism. ``parallel_gather_output = False`` returns this rank's ``[M_local, V/P_tp]``."""
     state = self.parallel_state
     base = self.littlebird
     x, hidden, L, l = encode(base, state, input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states)
@@ -236,6 +240,8 @@ def _mlm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
         )
         total = reduce_from_sequence_parallel_region(per_token.sum(), state.sequence_parallel_group)
         loss = total / (labels != -100).sum()  # mean over labelled tokens, as F.cross_entropy
+        if masked_logits_only and self.parallel_gather_output:
+            logits = _gather_masked_logits(logits, full != -100, state, self.config.vocab_size)
     if self.parallel_gather_output and not masked_logits_only:
         sizes = tensor_parallel_sizes(self.config.vocab_size, state)
         logits = gather_from_tensor_parallel_region(logits, state.tensor_parallel_group, sizes)  # [B, t, V]
@@ -245,6 +251,25 @@ def _mlm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
 
 
 _mlm_forward.supports_masked_logits_only = True
+
+
+def _gather_masked_logits(logits: torch.Tensor, selected: torch.Tensor, state: ParallelState,
+                          vocab_size: int) -> torch.Tensor:
+    """This rank's masked-token logits ``[M_local, V/P_tp]`` -> the whole batch's ``[M, V]`` in
+    row-major order of ``selected [B, l]`` (the padded labels' ``!= -100``, identical on every rank)."""
+    logits = gather_from_tensor_parallel_region(logits, state.tensor_parallel_group,
+                                                tensor_parallel_sizes(vocab_size, state))  # [M_local, V]
+    P = state.sequence_parallel_size
+    if P == 1:
+        return logits
+    B, l = selected.shape
+    t = l // P
+    shards = [selected[:, r * t:(r + 1) * t] for r in range(P)]
+    sizes = [int(s.sum()) for s in shards]
+    rows = gather_rows_from_sequence_parallel_region(logits, state.sequence_parallel_group, sizes)  # rank-major
+    key = torch.arange(B * l, device=selected.device).view(B, l)  # row-major position of each token
+    rank_major = torch.cat([key[:, r * t:(r + 1) * t][shards[r]] for r in range(P)])
+    return rows.index_select(0, torch.argsort(rank_major))
 
 
 def _qa_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
