@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> module path. Keep sorted by pipeline order.
@@ -53,8 +54,41 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors that mean "the input is wrong": one line on stderr and exit code 2, no traceback
+#: (``--debug`` anywhere in the arguments, or ``LITTLEBIRD_DEBUG=1``, shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def take_launcher_arguments(argv: list[str]) -> list[str]:
+    """Remove what launchers add to a worker's command line, wherever it stands, and return the rest.
+
+    The ``deepspeed`` launcher (and ``torch.distributed.launch``) insert ``--local_rank=N`` before
+    the subcommand; ``--local-rank N`` is the newer spelling. The value goes to ``LOCAL_RANK``
+    unless the launcher set that too (torchrun and accelerate only set the environment)."""
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"littlebird-ds: error: {name} needs a value")
+                value = argv[i + 1]
+                i += 1
+            if not value.lstrip("-").isdigit():
+                raise SystemExit(f"littlebird-ds: error: {name} takes an integer, got {value!r}")
+            os.environ.setdefault("LOCAL_RANK", str(int(value)))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = take_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv or os.environ.get("LITTLEBIRD_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only=command)
     if command is None:
@@ -64,7 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 1
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[command])
-    rc = module.run(args)
+    try:
+        rc = module.run(args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"littlebird-ds {command}: error: {e} (--debug shows the traceback)", file=sys.stderr, flush=True)
+        return 2
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # argparse's and finish_worker's exits keep their code
+            raise
+        print(e.code, file=sys.stderr, flush=True)  # a command's own one-line error
+        return 2
     return int(rc or 0)
 
 

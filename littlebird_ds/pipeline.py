@@ -82,6 +82,17 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def launcher_prefix(launcher: str) -> list[str]:
+    """The command that starts ``littlebird_ds.cli`` under ``launcher`` (``torchrun ...``,
+    ``deepspeed ...``, ``accelerate launch ...``): the deepspeed launcher names a module with
+    ``--module``, the others with ``-m``."""
+    words = shlex.split(launcher)
+    if not words:
+        raise ValueError("--launcher is empty; pass e.g. 'torchrun --nproc_per_node 2'")
+    module_flag = "--module" if Path(words[0]).name == "deepspeed" else "-m"
+    return words + [module_flag, "littlebird_ds.cli"]
+
+
 class Pipeline:
     """Runs the stages in order; see the module docstring."""
 
@@ -105,7 +116,7 @@ class Pipeline:
     def _run(self, stage: str, argv: list[str], *, train: bool = False, log_name: str = "log.txt") -> None:
         d = self.dir(stage)
         d.mkdir(parents=True, exist_ok=True)
-        prefix = shlex.split(self.o.launcher) + ["-m", "littlebird_ds.cli"] if (train and self.o.launcher) else self.cli
+        prefix = launcher_prefix(self.o.launcher) if (train and self.o.launcher) else self.cli
         if train and self.o.deepspeed:
             argv = argv + ["--deepspeed", self.o.deepspeed]
         cmd = prefix + argv

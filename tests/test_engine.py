@@ -205,19 +205,24 @@ def test_crash_in_save_then_sigkill_then_resume_reproduces_losses_exactly(resume
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
     assert (ckpts / ".tmp-step_00000004").is_dir() and not (ckpts / "step_00000004").exists()
 
-    proc = subprocess.Popen(_torchrun(2, *_resume_args(tmp_path, "--resume", "--step-delay", "0.3")), env=_env(),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # Output to a file, not a pipe: a worker writing into a pipe whose reader is gone would die of
+    # that, not of its launcher's death.
+    log = tmp_path / "run2.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_torchrun(2, *_resume_args(tmp_path, "--resume", "--step-delay", "0.3")), env=_env(),
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     try:
         while (ckpts / "latest").read_text().strip() != "step_00000006":
-            assert proc.poll() is None, f"run 2 ended before the kill:\n{proc.stderr.read()[-4000:]}"
+            assert proc.poll() is None, f"run 2 ended before the kill:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, "no step-6 checkpoint in time"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # launcher and both workers, no chance to clean up
+        # Kill the launcher alone, as a lost node or an OOM kill does: torchrun's workers run in
+        # sessions of their own, so they must take the launcher's death as their own.
+        proc.kill()
         proc.wait()
-        proc.stderr.close()
+    _assert_no_process_mentions(str(tmp_path))
     logged = _jsonl_losses(tmp_path)
     assert 6 <= max(logged) < RESUME_STEPS, logged  # killed after the checkpoint, before the end
     assert not (ckpts / ".tmp-step_00000004").exists()  # run 2 removed the interrupted save
@@ -228,6 +233,29 @@ def test_crash_in_save_then_sigkill_then_resume_reproduces_losses_exactly(resume
     assert sorted(resumed) == list(range(7, RESUME_STEPS + 1))  # started from step 6
     assert resumed == {s: resume_reference[s] for s in resumed}  # bit-identical
     assert _jsonl_losses(tmp_path) == resume_reference  # the log holds each step once
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass  # ended meanwhile
+    return pids
+
+
+def _assert_no_process_mentions(text: str, within: float = 5.0) -> None:
+    """No process with ``text`` on its command line is left after ``within`` seconds (zombies
+    reaped by init do not count: their command line is empty)."""
+    deadline = time.monotonic() + within
+    while (left := _processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)  # leave nothing behind for the next test
+    assert not left, f"workers {left} outlived their launcher"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -396,8 +396,12 @@ def test_evaluate_qa_bad_inputs_write_nothing(kind, message, model_dir, tmp_path
     good = _write(tmp_path / "good.json", _examples(4, 1))
     bad = _write(tmp_path / "bad.json", _bad(kind))
     results = tmp_path / "res" / "results.json"
-    with pytest.raises(SystemExit, match=message):
-        main(["evaluate-qa", "--model", str(model_dir), "--data", f"{good},{bad}", "--out", str(results)])
+    capsys.readouterr()
+    assert main(["evaluate-qa", "--model", str(model_dir), "--data", f"{good},{bad}", "--out", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the weight-loading progress bar
+    assert message in last and last.startswith("evaluate-qa: error:"), err
     assert not results.parent.exists()
 
 

@@ -184,3 +184,14 @@ def test_the_three_qa_runs_differ_only_in_padding_insertion_and_initialisation(t
     strip = {"--pi-factor", "4", "--pi-start-fraction", "0.5", "--no-padding-insertion", "--random-init"}
     common = [[a for a in argv if a not in strip and "/qa/" not in a] for argv in calls.values()]
     assert common[0] == common[1] == common[2]
+
+
+def test_launcher_prefix_names_the_module_the_way_each_launcher_takes_it():
+    from littlebird_ds.pipeline import launcher_prefix
+
+    assert launcher_prefix("torchrun --nproc_per_node 2") == ["torchrun", "--nproc_per_node", "2", "-m",
+                                                              "littlebird_ds.cli"]
+    assert launcher_prefix("/opt/venv/bin/deepspeed --num_accelerators 2")[-2:] == ["--module", "littlebird_ds.cli"]
+    assert launcher_prefix("accelerate launch --num_processes 2")[-2:] == ["-m", "littlebird_ds.cli"]
+    with pytest.raises(ValueError, match="--launcher is empty"):
+        launcher_prefix("  ")

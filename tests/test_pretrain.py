@@ -244,14 +244,16 @@ def test_cli_end_to_end(slice_dir, tmp_path):
 # ------------------------------------------------------------------------------ errors
 
 
-def test_error_tokenizer_dir_missing(slice_dir, tmp_path):
+def test_error_tokenizer_dir_missing(slice_dir, tmp_path, capsys):
     args = _args(["--tokenizer", str(tmp_path / "no-tok"), "--corpus", str(slice_dir / "corpus"), "--preset", "tiny"])
     with pytest.raises(FileNotFoundError, match="tokenizer directory .*no-tok does not exist.*train-tokenizer"):
         prepare_pretraining(args)
     from littlebird_ds.cli import main
 
-    with pytest.raises(SystemExit, match="pretrain: error: tokenizer directory"):
-        main(["pretrain", "--tokenizer", str(tmp_path / "no-tok"), "--corpus", str(slice_dir / "corpus")])
+    capsys.readouterr()
+    assert main(["pretrain", "--tokenizer", str(tmp_path / "no-tok"), "--corpus", str(slice_dir / "corpus")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pretrain: error: tokenizer directory"), err
 
 
 def test_error_max_length_beyond_bert_positions(slice_dir, tmp_path):

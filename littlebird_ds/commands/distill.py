@@ -49,9 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from littlebird_ds.train.distill import run_distillation
-    from littlebird_ds.train.engine import finish_worker
+    from littlebird_ds.train.engine import finish_worker, normalize_training_args
 
     try:
+        normalize_training_args(args)  # before any data is read or anything written
         run_distillation(args)
     except (FileNotFoundError, ValueError) as e:
         # A set-up error is the user's to fix: show the message, not a traceback.

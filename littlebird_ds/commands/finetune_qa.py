@@ -30,10 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from littlebird_ds.train.engine import finish_worker
+    from littlebird_ds.train.engine import finish_worker, normalize_training_args
     from littlebird_ds.train.finetune_qa import finetune_qa
 
     try:
+        normalize_training_args(args)  # before any data is read or anything written
         result = finetune_qa(args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"finetune-qa: error: {e}") from None

@@ -28,10 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from littlebird_ds.train.engine import finish_worker
+    from littlebird_ds.train.engine import finish_worker, normalize_training_args
     from littlebird_ds.train.pretrain import prepare_pretraining, run_pretraining
 
     try:
+        normalize_training_args(args)  # before any data is read or anything written
         setup = prepare_pretraining(args)
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
         # A set-up error is the user's to fix: show the message, not a traceback.

@@ -41,7 +41,8 @@ What the engine does, in order:
    Logs ``OUT/metrics.jsonl`` and ``OUT/tb/`` (rank 0), a tqdm bar on rank 0.
 7. Checkpoints every ``--save-every`` steps (atomic, see :mod:`littlebird_ds.train.checkpoint`)
    with the data position and every rank's RNG states, so ``--resume`` after a SIGKILL
-   reproduces the uninterrupted fp32 losses exactly.
+   reproduces the uninterrupted fp32 losses exactly. A launched worker dies with its launcher
+   (:func:`exit_with_launcher`), so no orphan writes checkpoints beside a resumed job.
 8. At the end: a final checkpoint, exported (ZeRO gather, TP merge) to ``OUT/final`` with
    ``save_pretrained`` plus the tokenizer.
 
@@ -50,6 +51,11 @@ Data order: global micro-step ``m`` (counting from 0 over the whole run) consist
 ``dp`` ranks with ``--grad-accum g`` sees, step by step, the same samples as a 1-process run
 with ``--grad-accum g*dp``, and (for per-sample-mean losses over equal-size micro-batches)
 the same losses: the engine's parity tests rely on it.
+
+Randomness: before each micro-batch is drawn, python, numpy and torch are seeded from
+``(--seed, global micro-batch index)`` (:func:`seed_micro_batch`; the index is
+``micro_step * dp_size + dp_rank``), so span masks, recurring spans, Padding Insertion and
+dropout belong to the micro-batch, not to the rank or accumulation step that takes it.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -98,16 +105,22 @@ AC_POLICIES = ("none", "full", "every_k")
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags every training command shares; returns ``parser``."""
     g = parser.add_argument_group("training engine")
-    g.add_argument("--deepspeed", metavar="PATH", default=None,
-                   help="DeepSpeed JSON config (see ds_configs/); default: built-in ZeRO-0 fp32")
+    g.add_argument("--deepspeed", metavar="PATH", nargs="?", const=True, default=None,
+                   help="DeepSpeed JSON config (see ds_configs/); default: built-in ZeRO-0 fp32. Megatron style "
+                        "`--deepspeed --deepspeed_config PATH` is accepted too")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", metavar="PATH", default=None,
+                   help="the DeepSpeed JSON config, Megatron/DeepSpeed style (same as --deepspeed PATH)")
     g.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="tensor-parallel size")
     g.add_argument("--sequence-parallel", type=int, default=1, metavar="N", help="sequence-parallel size")
     g.add_argument("--activation-checkpointing", choices=AC_POLICIES, default="none",
                    help="recompute layer activations in backward: none, full (every layer), every_k")
     g.add_argument("--activation-checkpointing-k", type=int, default=2, metavar="K",
                    help="with every_k: checkpoint every K-th layer")
-    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps to train")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps to train (>= 1)")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seeds the weights and every random draw of the data (span masks, Padding Insertion, "
+                        "shuffling) and dropout, per global micro-batch: any split over data-parallel ranks and "
+                        "--grad-accum with the same micro-batch size sees the same batches")
     g.add_argument("--out", default="runs/train", metavar="DIR", help="output directory")
     g.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints/latest")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
@@ -136,6 +149,37 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def deepspeed_config_path(args) -> str | None:
+    """The DeepSpeed config file the arguments name: ``--deepspeed PATH``, or Megatron/DeepSpeed style
+    ``--deepspeed --deepspeed_config PATH`` (or ``--deepspeed_config PATH`` alone); ``None`` for the built-in
+    default. Raises ``ValueError`` when the two name different files or ``--deepspeed`` names none."""
+    flag = getattr(args, "deepspeed", None)
+    config = getattr(args, "deepspeed_config", None)
+    path = flag if isinstance(flag, (str, os.PathLike)) else None
+    if path is not None and config is not None and Path(path) != Path(config):
+        raise ValueError(f"--deepspeed {path} and --deepspeed_config {config} name different configs; pass one")
+    if flag is True and config is None:
+        raise ValueError("--deepspeed without a path needs --deepspeed_config PATH (Megatron style), "
+                         "or pass --deepspeed PATH (e.g. ds_configs/zero2_fp32.json)")
+    return str(path if path is not None else config) if (path or config) else None
+
+
+def normalize_training_args(args):
+    """Check the engine's flags once, before anything is written, and fold the launchers' spellings into
+    one: ``args.deepspeed`` becomes the config path (or ``None``). Returns ``args``."""
+    args.deepspeed = deepspeed_config_path(args)
+    if hasattr(args, "deepspeed_config"):
+        args.deepspeed_config = args.deepspeed
+    if int(getattr(args, "max_steps", 1)) < 1:
+        raise ValueError(f"--max-steps {args.max_steps} must be >= 1: a training run that trains no step "
+                         "writes no model")
+    for name in ("batch_size", "grad_accum"):
+        value = getattr(args, name, None)
+        if value is not None and int(value) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    return args
+
+
 def _args_value(args, name: str, default=None):
     return getattr(args, name, default) if getattr(args, name, None) is not None else default
 
@@ -161,7 +205,9 @@ def prepare_environment(local_rank: int | None = None) -> None:
     1-process group on 127.0.0.1; with the ``deepspeed`` launcher's ``--local_rank`` it sets
     ``LOCAL_RANK``. On CPU it selects DeepSpeed's CPU accelerator.
     """
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        exit_with_launcher()
+    else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -170,6 +216,35 @@ def prepare_environment(local_rank: int | None = None) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def exit_with_launcher(sig: int = signal.SIGKILL) -> bool:
+    """Make this worker die with the process that started it (the launcher), so no orphan keeps
+    training and writing checkpoints beside a restarted or resumed job. Returns False where the
+    OS has no such request (not Linux).
+
+    torchrun starts its workers in sessions of their own, so killing the launcher's process group
+    leaves them running; Linux's ``prctl(PR_SET_PDEATHSIG)`` delivers ``sig`` to this process when
+    its parent exits, whatever kills the parent. SIGKILL, because a launcher that died cannot
+    restart or collect anything, and checkpoints are written atomically (a save cut short
+    leaves the previous one as ``latest``). Nothing maintained wraps this one call in the
+    dependencies (torch's elastic agent only handles signals it receives itself)."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1  # <sys/prctl.h>
+        if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
+    return True
 
 
 def release_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
@@ -319,7 +394,7 @@ def resolve_ds_config(args, dp_size: int, source: str = "built-in default") -> d
 def _base_ds_config(args, source: str = "built-in default") -> tuple[dict[str, Any], str]:
     """The config as given, before the batch fields are filled, and where it came from:
     ``--deepspeed``, accelerate's DeepSpeed plugin, or the built-in default."""
-    path = getattr(args, "deepspeed", None)
+    path = deepspeed_config_path(args)
     cfg = load_ds_config(path)
     if path is not None:
         return cfg, str(path)
@@ -519,7 +594,7 @@ class Trainer:
                  tokenizer=None, shuffle: bool = True):
         if (train_dataset is None) == (batches is None):
             raise ValueError("pass exactly one of train_dataset (with collate_fn) or batches")
-        self.args = args
+        self.args = normalize_training_args(args)
         self.model_factory = model_factory
         self.loss_fn = loss_fn
         self.train_dataset = train_dataset
@@ -609,7 +684,7 @@ class Trainer:
         import deepspeed
 
         a = self.args
-        source = str(a.deepspeed) if getattr(a, "deepspeed", None) else "built-in default"
+        source = deepspeed_config_path(a) or "built-in default"
         self.ds_config = resolve_ds_config(a, self.dp_size, source)
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
@@ -753,7 +828,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = float(self.lr_scheduler.get_last_lr()[0])  # the lr this step applies
                 loss_sum, tokens, metric_sums = 0.0, 0, {}
-                for _ in range(self.grad_accum):
+                for k in range(self.grad_accum):
+                    # The data's random draws (made as the iterator collates) and dropout come from
+                    # generators seeded by the global micro-batch index: the same for one process
+                    # with --grad-accum g*dp as for dp ranks with --grad-accum g.
+                    micro = (step * self.grad_accum + k) * self.dp_size + self.dp_rank
+                    seed_micro_batch(a.seed, micro)
                     batch = _to_device(next(it), self.device)
                     loss, metrics = self.loss_fn(self.engine, batch)
                     metrics = dict(metrics or {})
@@ -812,6 +892,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_micro_batch(seed: int, micro_batch: int) -> None:
+    """Seed python, numpy and torch from ``(seed, global micro-batch index)``.
+
+    The engine calls it before each micro-batch is drawn and run, so span masks, recurring
+    spans, Padding Insertion and dropout are functions of the run's seed and the micro-batch's
+    place in the global order, not of which rank or accumulation step takes it (the TP and SP
+    ranks of one replica take the same index and so draw the same masks, as they must)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(micro_batch)]).generate_state(2, np.uint64)
+    value = int(state[0]) % 2**63
+    random.seed(value)
+    np.random.seed(int(state[1]) % 2**32)
+    torch.manual_seed(value)
 
 
 def _parallel_module(what: str):

@@ -221,8 +221,10 @@ class QABatches:
     ``stages[i]`` is ``(length, rows)``; stage ``i`` runs from optimizer step ``bounds[i]`` to
     ``bounds[i + 1]``. Within a stage the rows are shuffled per epoch as
     :func:`~littlebird_ds.train.engine.dataset_batches` does (seed ``seed + i``); Padding
-    Insertion for global micro-step ``m`` on data-parallel rank ``r`` draws from
-    ``numpy.random.default_rng([seed, m, r])``, so a resumed run sees the same batches.
+    Insertion for global micro-step ``m`` on data-parallel rank ``r`` of ``dp`` draws from
+    ``numpy.random.default_rng([seed, m * dp + r])`` (the global micro-batch index), so a resumed
+    run, and any split of the same micro-batches over ranks and accumulation steps, sees the same
+    batches.
     ``pi_max_length`` ``None`` means ``pi_factor`` times the stage length, rounded up to whole
     blocks.
     """
@@ -261,7 +263,9 @@ class QABatches:
             it = factory(m - first, dp_rank, dp_size)
             while last is None or m < last:
                 batch = next(it)
-                rng = np.random.default_rng([self.seed, m, dp_rank])
+                # Seeded by the global micro-batch index, as the engine seeds its generators: a
+                # micro-batch gets the same insertion on any split over ranks and accumulation.
+                rng = np.random.default_rng([self.seed, m * dp_size + dp_rank])
                 pi_now = self.padding_insertion > 0 and m // self.grad_accum >= self.pi_start_step
                 if pi_now and rng.random() < self.padding_insertion:
                     batch = apply_padding_insertion(batch, max_length=self.pi_target(length),

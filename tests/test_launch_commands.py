@@ -1,0 +1,237 @@
+"""The console commands under the documented launchers, run as users type them, against one process.
+
+Each test starts ``littlebird-ds`` subcommands the way launch/README.md and docs/scale.md show
+(``launch/deepspeed_multinode.sh --module littlebird_ds.cli pretrain ...`` on two simulated
+nodes, ``launch/torchrun.sh -m littlebird_ds.cli pretrain --tensor-parallel 2 ...``), on a
+slice of the Chichewa Bible with a tiny model, and compares every logged training loss and
+evaluation with a one-process run of the same global batch (``--grad-accum`` standing in
+for the data-parallel ranks), and the exported models' weights.
+
+Tolerance 1e-5 (fp32): the runs add the same per-micro-batch terms in another order (gloo
+all-reduce against gradient accumulation, vocabulary- or sequence-sharded sums against
+whole ones), which moves the last bits only; measured differences are below 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+BIN = Path(sys.executable).parent
+TIMEOUT = 300
+ATOL = 1e-5
+
+# Dropout on for data parallelism: masks must follow the micro-batch, not the rank. Tensor and
+# sequence parallelism draw attention-dropout masks per head shard (as Megatron does), so their
+# comparison with one process runs without dropout.
+MODEL = """\
+hidden_size: 32
+num_hidden_layers: 2
+num_attention_heads: 2
+intermediate_size: 64
+block_size: 16
+pack_size: 8
+hidden_dropout_prob: {p}
+attention_probs_dropout_prob: {p}
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
+              "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def _check(p: subprocess.CompletedProcess, what: str) -> None:
+    assert p.returncode == 0, f"{what}: exit {p.returncode}\nstdout:\n{p.stdout[-2000:]}\nstderr:\n{p.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """``corpus/`` (three books), ``tok/`` (unigram, 1000 ids), ``model.yaml`` and ``model_nodrop.yaml``."""
+    from littlebird_ds.data.corpus import load_corpus
+    from littlebird_ds.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("launch")
+    books = {d.id.rsplit("/", 1)[1]: d.text for d in load_corpus("chichewa-bible")}
+    (root / "corpus").mkdir()
+    for b in ("06", "07", "08"):
+        (root / "corpus" / f"book{b}.txt").write_text(books[b], encoding="utf-8")
+    train_tokenizer(root / "corpus", root / "tok", vocab_size=1000)
+    (root / "model.yaml").write_text(MODEL.format(p=0.1))
+    (root / "model_nodrop.yaml").write_text(MODEL.format(p=0.0))
+    return root
+
+
+def _pretrain_args(d: Path, out: Path, model: str = "model.yaml") -> list[str]:
+    return ["pretrain", "--preset", str(d / model), "--tokenizer", str(d / "tok"), "--corpus", str(d / "corpus"),
+            "--validation-fraction", "0.2", "--max-length", "64", "--eval-examples", "16", "--max-steps", "4",
+            "--eval-every", "2", "--log-every", "1", "--lr", "2e-3", "--warmup-steps", "1", "--out", str(out)]
+
+
+def _one_process(args: list[str]) -> None:
+    p = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", *args], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    _check(p, "one process")
+
+
+def _records(out: Path) -> tuple[dict[int, float], dict[int, tuple[float, float]]]:
+    """Training losses and (eval_loss, eval_accuracy) by step, from OUT/metrics.jsonl."""
+    train, evals = {}, {}
+    for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in r:
+            train[r["step"]] = r["loss"]
+        if "eval_loss" in r:
+            evals[r["step"]] = (r["eval_loss"], r["eval_accuracy"])
+    return train, evals
+
+
+def _assert_same_run(out: Path, ref: Path) -> None:
+    (t, e), (rt, re) = _records(out), _records(ref)
+    assert sorted(t) == sorted(rt) == [1, 2, 3, 4] and sorted(e) == sorted(re) == [0, 2, 4], (t, e)
+    for s in rt:
+        assert abs(t[s] - rt[s]) <= ATOL, f"step {s}: loss {t[s]!r} vs one process {rt[s]!r}"
+    for s in re:
+        assert abs(e[s][0] - re[s][0]) <= ATOL and abs(e[s][1] - re[s][1]) <= ATOL, (s, e[s], re[s])
+    assert rt[4] < rt[1], rt  # it trains
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=ATOL, msg=lambda m: f"exported {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference_accum2(data, tmp_path_factory) -> Path:
+    """One process, micro-batch 2 x --grad-accum 2: the global batch of two data-parallel ranks."""
+    out = tmp_path_factory.mktemp("ref_accum2") / "run"
+    _one_process([*_pretrain_args(data, out), "--batch-size", "2", "--grad-accum", "2"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_nodrop(data, tmp_path_factory) -> Path:
+    """One process, micro-batch 2, no dropout: the reference of tensor and sequence parallelism."""
+    out = tmp_path_factory.mktemp("ref_nodrop") / "run"
+    _one_process([*_pretrain_args(data, out, "model_nodrop.yaml"), "--batch-size", "2"])
+    return out
+
+
+def test_deepspeed_launcher_on_two_nodes_pretrains_as_one_process(data, reference_accum2, tmp_path):
+    """launch/deepspeed_multinode.sh on two simulated nodes (launch/hostfile, --no_ssh, loopback),
+    one process each, with the Megatron-style ``--deepspeed --deepspeed_config`` flags: the
+    launcher puts ``--local_rank=N`` before the subcommand. Before the fix each node printed the
+    help and exited 0 without a step; and with span masks from a generator seeded alike on every
+    rank, two ranks did not see one process's masks."""
+    port = str(_port())
+    out = tmp_path / "run"
+    args = [*_pretrain_args(data, out), "--batch-size", "2", "--deepspeed", "--deepspeed_config",
+            str(ROOT / "ds_configs" / "zero2_fp32.json")]
+    procs = [subprocess.Popen(["bash", str(LAUNCH / "deepspeed_multinode.sh"), "--module", "littlebird_ds.cli", *args],
+                              env=_env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=port), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for r, proc in enumerate(procs):
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        _check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), f"node {r}")
+    meta = json.loads((out / "checkpoints" / "step_00000004" / "littlebird_checkpoint.json").read_text())
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 2
+    _assert_same_run(out, reference_accum2)
+
+
+@pytest.mark.parametrize("flag", ["--tensor-parallel", "--sequence-parallel"])
+def test_torchrun_model_parallel_2_pretrains_as_one_process(data, reference_nodrop, tmp_path, flag):
+    """``launch/torchrun.sh -m littlebird_ds.cli pretrain --tensor-parallel 2`` (and
+    ``--sequence-parallel 2``): before the fix TP crashed at its first evaluation (a vocabulary
+    shard read as the whole vocabulary) and SP at its first step (one rank's masked tokens read
+    as the batch's)."""
+    out = tmp_path / "run"
+    p = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "-m", "littlebird_ds.cli",
+                        *_pretrain_args(data, out, "model_nodrop.yaml"), "--batch-size", "2", flag, "2"],
+                       env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(_port())), cwd=ROOT, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    _check(p, f"torchrun {flag} 2")
+    _assert_same_run(out, reference_nodrop)
+
+
+# ------------------------------------------------------------------------------------------
+# The command line: launcher conventions and runs that would train nothing
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spelling", [["--local_rank=1"], ["--local-rank", "1"], ["--local_rank", "1"]])
+def test_cli_takes_the_launchers_local_rank_anywhere(spelling, monkeypatch, capsys):
+    from littlebird_ds.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main([*spelling, "info", "--json"]) == 0  # before the subcommand, as the deepspeed launcher puts it
+    assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert main(["info", *spelling, "--json"]) == 0
+    assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a launcher's environment wins
+    assert main([*spelling, "info", "--json"]) == 0
+    assert os.environ["LOCAL_RANK"] == "0"
+
+
+def test_cli_with_only_launcher_arguments_and_no_command_fails(capsys):
+    from littlebird_ds.cli import main
+
+    assert main(["--local_rank=0"]) == 1
+    assert "COMMAND" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-steps", "0"], "--max-steps 0 must be >= 1"),
+    (["--max-steps", "-5"], "--max-steps -5 must be >= 1"),
+    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--deepspeed"], "--deepspeed without a path needs --deepspeed_config"),
+    (["--deepspeed", "ds_configs/zero1_fp32.json", "--deepspeed_config", "ds_configs/zero2_fp32.json"],
+     "name different configs"),
+])
+def test_pretrain_that_would_train_nothing_or_is_ambiguous_exits_2_and_writes_nothing(data, tmp_path, capsys,
+                                                                                      argv, message):
+    from littlebird_ds.cli import main
+
+    out = tmp_path / "run"
+    args = [a for a in _pretrain_args(data, out) if a not in ("--max-steps", "4")]
+    assert main([*args, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()
+
+
+def test_megatron_style_deepspeed_flags_name_the_same_config():
+    import argparse
+
+    from littlebird_ds.train.engine import add_training_arguments, deepspeed_config_path
+
+    p = add_training_arguments(argparse.ArgumentParser())
+    cfg = "ds_configs/zero2_fp32.json"
+    for argv in (["--deepspeed", cfg], ["--deepspeed", "--deepspeed_config", cfg], ["--deepspeed_config", cfg],
+                 ["--deepspeed-config", cfg], ["--deepspeed", cfg, "--deepspeed_config", cfg]):
+        assert deepspeed_config_path(p.parse_args(argv)) == cfg, argv
+    assert deepspeed_config_path(p.parse_args([])) is None
