@@ -1,4 +1,7 @@
 import os
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +34,26 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a launched group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(**extra) -> dict:
+    """This process's environment for launching workers: no launcher variables of its own, CPU and
+    gloo, one thread per process, loopback, this venv's scripts on PATH, the checkout importable."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
+              "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env

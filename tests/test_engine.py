@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_workers" / "engine_train.py"
@@ -36,31 +36,16 @@ STEPS = 5
 TIMEOUT = 240
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
-              "ACCELERATE_USE_CPU"):
-        env.pop(k, None)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT))
-    env.update(extra)
-    return env
 
 
 def _torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
-            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port or _port()),
+            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
             str(WORKER), *args]
 
 
 def _run(cmd: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    p = subprocess.run(cmd, env=env or launch_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     if check:
         assert p.returncode == 0, f"{' '.join(cmd)}\nexit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-6000:]}"
     return p
@@ -209,7 +194,7 @@ def test_crash_in_save_then_sigkill_then_resume_reproduces_losses_exactly(resume
     # that, not of its launcher's death.
     log = tmp_path / "run2.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(_torchrun(2, *_resume_args(tmp_path, "--resume", "--step-delay", "0.3")), env=_env(),
+        proc = subprocess.Popen(_torchrun(2, *_resume_args(tmp_path, "--resume", "--step-delay", "0.3")), env=launch_env(),
                                 cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -305,10 +290,10 @@ def _two_nodes(cmd_for_rank, env_for_rank) -> list[subprocess.CompletedProcess]:
 
 def test_zero2_dp2_two_nodes_torchrun_script_matches_single_process(reference, tmp_path):
     """ZeRO-2, 2 data-parallel ranks on 2 simulated nodes (launch/torchrun.sh, loopback)."""
-    port = _port()
+    port = free_port()
     args = _common(tmp_path, "--batch-size", "2", "--deepspeed", str(DS_CONFIGS / "zero2_fp32.json"))
     res = _two_nodes(lambda r: ["bash", str(LAUNCH / "torchrun.sh"), str(WORKER), *args],
-                     lambda r: _env(NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=str(port)))
+                     lambda r: launch_env(NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=str(port)))
     _close(_losses(res[0].stdout), reference)
     meta = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
     assert meta["zero_stage"] == 2 and meta["world_size"] == 2
@@ -317,10 +302,10 @@ def test_zero2_dp2_two_nodes_torchrun_script_matches_single_process(reference, t
 def test_zero1_dp2_two_nodes_deepspeed_no_ssh_matches_single_process(reference, tmp_path):
     """ZeRO-1, 2 data-parallel ranks on 2 simulated nodes (launch/deepspeed_multinode.sh with
     launch/hostfile and --no_ssh, loopback)."""
-    port = _port()
+    port = free_port()
     args = _common(tmp_path, "--batch-size", "2", "--deepspeed", str(DS_CONFIGS / "zero1_fp32.json"))
     res = _two_nodes(lambda r: ["bash", str(LAUNCH / "deepspeed_multinode.sh"), str(WORKER), *args],
-                     lambda r: _env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=str(port),
+                     lambda r: launch_env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=str(port),
                                     HOSTFILE=str(LAUNCH / "hostfile")))
     _close(_losses(res[0].stdout), reference)
     meta = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
@@ -331,12 +316,12 @@ def test_accelerate_launch_zero2_plugin(reference, tmp_path):
     """accelerate launch with the ZeRO-2 plugin YAML (one process on CPU: MULTI_CPU/DeepSpeed
     mode starts one), then two processes through the documented torchrun route."""
     p = _run([str(BIN / "accelerate"), "launch", "--config_file", str(LAUNCH / "accelerate_zero2.yaml"),
-              "--main_process_port", str(_port()), str(WORKER),
+              "--main_process_port", str(free_port()), str(WORKER),
               *_common(tmp_path / "one", "--batch-size", "2", "--grad-accum", "2")])
     _close(_losses(p.stdout), reference)
     meta = json.loads((tmp_path / "one" / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())
     assert meta["zero_stage"] == 2
-    env = _env(ACCELERATE_USE_CPU="true", ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    env = launch_env(ACCELERATE_USE_CPU="true", ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
     p = _run(_torchrun(2, *_common(tmp_path / "two", "--batch-size", "2")), env=env)
     _close(_losses(p.stdout), reference)
     meta = json.loads((tmp_path / "two" / "checkpoints" / f"step_{STEPS:08d}" / "littlebird_checkpoint.json").read_text())

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-BIN = Path(sys.executable).parent
 TIMEOUT = 300
 ATOL = 1e-5
 
@@ -45,21 +44,6 @@ attention_probs_dropout_prob: {p}
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
-              "ACCELERATE_USE_CPU"):
-        env.pop(k, None)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.update(extra)
-    return env
 
 
 def _check(p: subprocess.CompletedProcess, what: str) -> None:
@@ -90,7 +74,7 @@ def _pretrain_args(d: Path, out: Path, model: str = "model.yaml") -> list[str]:
 
 
 def _one_process(args: list[str]) -> None:
-    p = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", *args], env=_env(), cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", *args], env=launch_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=TIMEOUT)
     _check(p, "one process")
 
@@ -144,12 +128,12 @@ def test_deepspeed_launcher_on_two_nodes_pretrains_as_one_process(data, referenc
     launcher puts ``--local_rank=N`` before the subcommand. Before the fix each node printed the
     help and exited 0 without a step; and with span masks from a generator seeded alike on every
     rank, two ranks did not see one process's masks."""
-    port = str(_port())
+    port = str(free_port())
     out = tmp_path / "run"
     args = [*_pretrain_args(data, out), "--batch-size", "2", "--deepspeed", "--deepspeed_config",
             str(ROOT / "ds_configs" / "zero2_fp32.json")]
     procs = [subprocess.Popen(["bash", str(LAUNCH / "deepspeed_multinode.sh"), "--module", "littlebird_ds.cli", *args],
-                              env=_env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=port), cwd=ROOT,
+                              env=launch_env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=port), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for r, proc in enumerate(procs):
         try:
@@ -173,7 +157,7 @@ def test_torchrun_model_parallel_2_pretrains_as_one_process(data, reference_nodr
     out = tmp_path / "run"
     p = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "-m", "littlebird_ds.cli",
                         *_pretrain_args(data, out, "model_nodrop.yaml"), "--batch-size", "2", flag, "2"],
-                       env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(_port())), cwd=ROOT, capture_output=True,
+                       env=launch_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())), cwd=ROOT, capture_output=True,
                        text=True, timeout=TIMEOUT)
     _check(p, f"torchrun {flag} 2")
     _assert_same_run(out, reference_nodrop)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from littlebird_ds import LittleBirdForMaskedLM, LittleBirdForQuestionAnswering, LittleBirdModel
 from littlebird_ds.parallel import (
     ParallelState,
@@ -38,17 +37,12 @@ WORKERS = Path(__file__).parent / "dist_workers"
 ROOT = Path(__file__).parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(nproc: int, script: str, *args: str, timeout: int = 120) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKERS)]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKERS / script), *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKERS / script), *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -229,18 +229,15 @@ def exit_with_launcher(sig: int = signal.SIGKILL) -> bool:
     restart or collect anything, and checkpoints are written atomically (a save cut short
     leaves the previous one as ``latest``). Nothing maintained wraps this one call in the
     dependencies (torch's elastic agent only handles signals it receives itself)."""
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
+    libc = _libc() if sys.platform.startswith("linux") else None
+    if libc is None:
         return False
     parent = os.getppid()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1  # <sys/prctl.h>
         if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
             return False
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     if os.getppid() != parent:  # the launcher died before the request took effect
         os._exit(1)
@@ -259,18 +256,24 @@ def release_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
     price is fresh zeroed pages for every large tensor, about 30% more step time there. Torch
     has no CPU caching-allocator knob for this; glibc's ``mallopt(M_MMAP_THRESHOLD)`` is the
     documented control (setting it also turns the dynamic raise off)."""
+    libc = _libc()
+    try:
+        m_mmap_threshold = -3  # <malloc.h>
+        return libc is not None and bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
+    except AttributeError:
+        return False
+
+
+def _libc():
+    """The C library through ctypes, or ``None`` where it cannot be found or loaded."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        m_mmap_threshold = -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 def init_process_group() -> None:
