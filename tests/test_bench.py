@@ -111,13 +111,16 @@ def test_loglog_slope():
     assert math.isclose(report.loglog_slope([(10, 100), (100, 10000)]), 2.0)
 
 
-def test_cli_rejects_bad_lengths_and_systems():
+def test_cli_rejects_bad_lengths_and_systems(capsys):
     from littlebird_ds.cli import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:  # the flag's own type check, in argparse
         main(["bench", "--lengths", "1024,999999"])
-    with pytest.raises(SystemExit):
-        main(["bench", "--systems", "littlebird,reformer"])
+    assert e.value.code == 2
+    capsys.readouterr()
+    assert main(["bench", "--systems", "littlebird,reformer"]) == 2  # the command's check: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown system 'reformer'" in err[0], err
 
 
 def test_allocator_names_resolve_or_fail_with_the_fix(tmp_path):
