@@ -84,11 +84,11 @@ def test_each_mapping_alone_forward_and_backward_and_clear_errors(two_procs):
 
 
 def test_tensor_parallel_2_equals_single_process(two_procs):
-    """TP = 2 vs TP = 1 (masked LM and QA, pack attention, BiALiBi slices, uneven vocab shards),
+    """TP = 2 vs TP = 1 (masked LM, with span selection, and QA, pack attention, BiALiBi slices, uneven vocab shards),
     state-dict conversion, TP-size error, dropout masks and checkpointing replay under TP."""
     r = two_procs["tp2"]
     _assert_parity(r, ["mlm.single37", "mlm.padded37_23", "mlm_masked.single37", "mlm_masked.padded37_23",
-                       "qa.single37", "qa.padded37_23"])
+                       "mlm_rss.single37", "mlm_rss.padded37_23", "qa.single37", "qa.padded37_23"])
     assert r["state_dict_round_trip"] == "ok"
     assert "tensor_parallel_size=1" in r["tp_size_error"] and "shard_state_dict" in r["tp_size_error"]
     assert r["checkpointing_with_dropout"] == {"full": 0.0, "every_k": 0.0}
@@ -97,11 +97,12 @@ def test_tensor_parallel_2_equals_single_process(two_procs):
 
 def test_sequence_parallel_2_equals_single_process(two_procs):
     """SP = 2 vs SP = 1: length 37 (padded to 40, not a multiple of 2 * block_size, shards of 20
-    tokens not aligned to blocks) and a padded batch of lengths 37 and 23; dropout masks per
+    tokens not aligned to blocks) and a padded batch of lengths 37 and 23, masked LM with span
+    selection (its head reads gathered tokens, so its gradient is divided by P); dropout masks per
     sequence shard (the packed stream's the same on every rank) and checkpointing replay."""
     r = two_procs["sp2"]
     _assert_parity(r, ["mlm.single37", "mlm.padded37_23", "mlm_masked.single37", "mlm_masked.padded37_23",
-                       "qa.single37", "qa.padded37_23"])
+                       "mlm_rss.single37", "mlm_rss.padded37_23", "qa.single37", "qa.padded37_23"])
     assert r["encoder_hidden_states"] <= 1.0
     assert r["checkpointing_with_dropout"] == {"full": 0.0, "every_k": 0.0}
     assert r["dropout_masks"] == "ok"
@@ -112,7 +113,7 @@ def test_tp2_x_sp2_with_deepspeed_equals_single_process():
     (its gradient reduction sums over SP), and with DeepSpeed's partitioned checkpointing."""
     r = _launch(4, "parallel_parity.py", "--tp", "2", "--sp", "2", "--deepspeed", "--batches", "padded37_23",
                 timeout=180)
-    _assert_parity(r, ["mlm.padded37_23", "mlm_masked.padded37_23", "qa.padded37_23",
+    _assert_parity(r, ["mlm.padded37_23", "mlm_masked.padded37_23", "mlm_rss.padded37_23", "qa.padded37_23",
                        "deepspeed_checkpointing_partitioned"])
     assert r["encoder_hidden_states"] <= 1.0
     assert r["deepspeed_zero0_grad"] <= 1.0

@@ -81,7 +81,12 @@ class BiALiBi(nn.Module):
         if head_start < 0 or head_start + h > self.num_heads:
             raise ValueError(f"head slice [{head_start}, {head_start + h}) outside the layer's {self.num_heads} heads")
         sl = slice(head_start, head_start + h)
-        return tuple(F.softplus(p[sl].float()) for p in (self.alpha_raw, self.beta_raw, self.gamma_raw))  # type: ignore[return-value]
+        return tuple(F.softplus(self.read_raw(p)[sl].float()) for p in (self.alpha_raw, self.beta_raw, self.gamma_raw))  # type: ignore[return-value]
+
+    def read_raw(self, p: torch.Tensor) -> torch.Tensor:
+        """A raw parameter as the slopes read it (tensor parallelism routes it through a TP copy
+        so its gradient is summed over the ranks that read different head slices)."""
+        return p
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, first_token={self.first_token}"

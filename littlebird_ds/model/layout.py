@@ -104,3 +104,33 @@ class BlockLayout:
         in_window = (kblock.view(1, 1, 1, -1) == wb.unsqueeze(-1)).any(dim=2)  # [B, n, l]
         in_window = in_window | (kblock == 0).view(1, 1, -1)
         return in_window.repeat_interleave(b, dim=1)  # [B, l, l]
+
+
+class LocalTokens:
+    """Where this process's tokens live along the sequence: here, all of them.
+
+    The model's forwards run every head on the tokens this process holds and call these four
+    methods where a sharded sequence would need communication; sequence parallelism replaces
+    the object (``parallel.sequence_parallel.SequenceSharding``) and the forwards stay the same.
+    Shapes: ``l`` the padded length, ``t = l / size`` tokens held here, ``L`` the input length.
+    """
+
+    #: Number of sequence shards; the padded length is a multiple of ``lcm(block_size, size)``.
+    size = 1
+
+    def local(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """This process's share ``[B, t, ...]`` of a padded per-token tensor ``[B, l, ...]``."""
+        return x
+
+    def gather(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """Per-token states held here ``[B, t, ...]`` -> every token at the input length ``[B, L, ...]``."""
+        return x[:, :length]
+
+    def gather_rows(self, rows: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Rows of the selected tokens held here -> the rows of ``selected [B, l]`` (padded, the
+        same on every shard) in row-major order."""
+        return rows
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """A sum over the tokens held here -> the sum over every token."""
+        return x

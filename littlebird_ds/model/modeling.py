@@ -3,6 +3,11 @@ a recurring-span-selection head), ``LittleBirdForQuestionAnswering``.
 
 The model owns sequence length: it validates inputs, pads them to whole blocks (at least
 four) with :func:`pad_to_blocks`, and cuts every output back to the input length.
+
+One forward per class, whatever the parallelism: heads run on the tokens this process holds
+(``LittleBirdModel(..., keep_sharded=True)``) and cut or gather through
+``LittleBirdModel.token_sharding`` (:class:`LocalTokens` here; sequence parallelism swaps it).
+Tensor parallelism swaps layers (the LM head's ``token_losses``/``gather_vocab`` included).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from transformers.utils import ModelOutput
 from ..config import LittleBirdConfig
 from .bialibi import BiALiBi
 from .layers import LittleBirdEmbeddings, LittleBirdLayer
-from .layout import BlockLayout, pad_to_blocks
+from .layout import BlockLayout, LocalTokens, pad_to_blocks
 
 
 @dataclass
@@ -117,8 +122,8 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
         self.packed_init = nn.Parameter(torch.empty(config.pack_size, config.hidden_size)) if config.pack_size else None
         n = config.num_hidden_layers
         self.layers = nn.ModuleList(LittleBirdLayer(config, updates_packed=i < n - 1) for i in range(n))
-        # Sequence parallelism pads to a multiple of lcm(block_size, sp_size); 1 otherwise.
-        self.pad_multiple = 1
+        # Where this process's tokens are (all of them; sequence parallelism swaps it).
+        self.token_sharding = LocalTokens()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -146,7 +151,7 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
             attention_mask,
             cfg.block_size,
             pad_values={"input_ids": cfg.pad_token_id},
-            multiple=self.pad_multiple,
+            multiple=self.token_sharding.size,
         )
         return padded, BlockLayout.build(mask, cfg.block_size), L
 
@@ -158,34 +163,42 @@ class LittleBirdModel(LittleBirdPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        keep_sharded: bool = False,
         **kwargs,
     ):
+        """``keep_sharded=True`` (what the heads use): states stay as this process holds them,
+        padded ``[B, l, d]`` (this rank's ``[B, l/P, d]`` under sequence parallelism), for
+        ``self.token_sharding.gather(x, L)``; otherwise ``[B, L, d]``."""
         cfg = self.config
         padded, layout, L = self.prepare_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
-        B = layout.key_mask.shape[0]
-        x = self.embeddings(padded["input_ids"], padded["token_type_ids"], padded["inputs_embeds"])  # [B, l, d]
+        shard = self.token_sharding
+        B = layout.key_mask.shape[0]  # the layout covers the whole padded sequence on every rank
+        x = self.embeddings(*(shard.local(padded[k]) for k in ("input_ids", "token_type_ids", "inputs_embeds")))
         p = None if self.packed_init is None else self.packed_init.to(x.dtype).unsqueeze(0).expand(B, -1, -1)  # [B, s, d]
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
-            x, p = layer(x, p, layout)
+            x, p = layer(x, p, layout)  # [B, t, d], [B, s, d]
             if hidden is not None:
                 hidden.append(x)
-        out = LittleBirdModelOutput(
-            last_hidden_state=x[:, :L],
-            hidden_states=tuple(h[:, :L] for h in hidden) if hidden is not None else None,
-        )
+        if not keep_sharded:
+            x = shard.gather(x, L)
+            hidden = None if hidden is None else [shard.gather(h, L) for h in hidden]
+        out = LittleBirdModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
         return out if _return_dict(cfg, return_dict) else out.to_tuple()
 
 
 def masked_logits_kwargs(model) -> dict:
     """``{"masked_logits_only": True}`` when ``model`` (or the module a DeepSpeed engine wraps)
-    runs ``LittleBirdForMaskedLM.forward`` or a parallel forward that supports it (marked
-    ``supports_masked_logits_only``, as the tensor/sequence-parallel one is); ``{}`` otherwise
-    (BERT teachers)."""
-    module = getattr(model, "module", model)
-    forward = getattr(module.forward, "__func__", None)
-    ok = forward is LittleBirdForMaskedLM.forward or getattr(forward, "supports_masked_logits_only", False)
-    return {"masked_logits_only": True} if ok else {}
+    is a :class:`LittleBirdForMaskedLM`; ``{}`` otherwise (BERT teachers)."""
+    return {"masked_logits_only": True} if isinstance(getattr(model, "module", model), LittleBirdForMaskedLM) else {}
+
+
+def _input_shape(input_ids, inputs_embeds) -> tuple[int, int]:
+    return tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+
+
+def _gather_hidden(shard: LocalTokens, hidden, length: int):
+    return None if hidden is None else tuple(shard.gather(h, length) for h in hidden)
 
 
 def _return_dict(config, return_dict: bool | None) -> bool:
@@ -208,6 +221,14 @@ class LittleBirdLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(x)) + self.bias
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross entropy per row ``[N]`` of ``logits [N, V]`` (0 where ``targets`` is -100)."""
+        return nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary (they already are; tensor parallelism gathers shards)."""
+        return logits
 
 
 class LittleBirdSpanSelectionHead(nn.Module):
@@ -295,23 +316,29 @@ class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
         cost of pretraining small models with large vocabularies.
         """
         out = self.littlebird(input_ids, attention_mask, token_type_ids, inputs_embeds,
-                              output_hidden_states=output_hidden_states, return_dict=True)
-        hidden = out.last_hidden_state  # [B, L, d]
-        if labels is not None and tuple(labels.shape) != tuple(hidden.shape[:2]):
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
-        if masked_logits_only:
-            if labels is None:
-                raise ValueError("masked_logits_only=True needs labels (it keeps the positions where labels != -100)")
-            selected = labels != -100
-            logits = self.lm_head(hidden[selected])  # [M, V]
-            targets = labels[selected]
-        else:
-            logits = self.lm_head(hidden)  # [B, L, V]
-            targets = labels
+                              output_hidden_states=output_hidden_states, return_dict=True, keep_sharded=True)
+        shard = self.littlebird.token_sharding
+        x = out.last_hidden_state  # [B, t, d]: the padded tokens this process holds
+        B, L = _input_shape(input_ids, inputs_embeds)
+        if labels is not None and tuple(labels.shape) != (B, L):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {(B, L)}")
+        if masked_logits_only and labels is None:
+            raise ValueError("masked_logits_only=True needs labels (it keeps the positions where labels != -100)")
         loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                               ignore_index=-100)
+        if labels is None:
+            logits = shard.gather(self.lm_head.gather_vocab(self.lm_head(x)), L)  # [B, L, V]
+        else:
+            padded = nn.functional.pad(labels, (0, x.shape[1] * shard.size - L), value=-100)  # [B, l]
+            targets = shard.local(padded)  # [B, t]
+            if masked_logits_only:
+                here = targets != -100
+                logits, targets = self.lm_head(x[here]), targets[here]  # [M_here, V], [M_here]
+            else:
+                logits = self.lm_head(x)  # [B, t, V]
+            per_token = self.lm_head.token_losses(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = shard.sum(per_token.sum()) / (labels != -100).sum()  # mean over labelled tokens
+            logits = self.lm_head.gather_vocab(logits)
+            logits = shard.gather_rows(logits, padded != -100) if masked_logits_only else shard.gather(logits, L)
         rss_loss = rss_start = rss_end = None
         if rss_questions is not None:
             if self.rss_head is None:
@@ -320,7 +347,8 @@ class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
             if rss_starts is None or rss_ends is None or rss_starts.shape != rss_questions.shape \
                     or rss_ends.shape != rss_questions.shape:
                 raise ValueError("rss_questions, rss_starts and rss_ends must all be given, each [B, Q]")
-            start_all, end_all = self.rss_head(hidden, rss_questions, attention_mask)
+            # Every token's state, replicated over sequence shards (its gradient returns to each shard's tokens).
+            start_all, end_all = self.rss_head(shard.gather(x, L), rss_questions, attention_mask)
             valid = rss_questions >= 0
             rss_start, rss_end = start_all[valid], end_all[valid]  # [N, L]
             if bool(valid.any()):
@@ -328,7 +356,8 @@ class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
                             + nn.functional.cross_entropy(rss_end, rss_ends[valid])) / 2
             else:  # no recurring span in this batch: a zero that keeps the head in the graph
                 rss_loss = (start_all.sum() + end_all.sum()) * 0.0
-        res = LittleBirdMaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, rss_loss=rss_loss,
+        res = LittleBirdMaskedLMOutput(loss=loss, logits=logits, hidden_states=_gather_hidden(shard, out.hidden_states, L),
+                                       rss_loss=rss_loss,
                                        rss_start_logits=rss_start, rss_end_logits=rss_end)
         return res if _return_dict(self.config, return_dict) else res.to_tuple()
 
@@ -356,19 +385,20 @@ class LittleBirdForQuestionAnswering(LittleBirdPreTrainedModel):
         **kwargs,
     ):
         out = self.littlebird(input_ids, attention_mask, token_type_ids, inputs_embeds,
-                              output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.qa_outputs(out.last_hidden_state).float()  # [B, L, 2]
+                              output_hidden_states=output_hidden_states, return_dict=True, keep_sharded=True)
+        shard = self.littlebird.token_sharding
+        L = _input_shape(input_ids, inputs_embeds)[1]
+        logits = shard.gather(self.qa_outputs(out.last_hidden_state).float(), L)  # [B, t, 2] -> [B, L, 2]
         if attention_mask is not None:
             logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(logits.dtype).min)
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None
         if start_positions is not None and end_positions is not None:
-            L = start_logits.shape[1]
             # Positions outside the input are ignored, as in BERT.
             start = start_positions.view(-1).clamp(0, L)
             end = end_positions.view(-1).clamp(0, L)
             ce = nn.CrossEntropyLoss(ignore_index=L)
             loss = (ce(start_logits, start) + ce(end_logits, end)) / 2
         res = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                                           hidden_states=out.hidden_states)
+                                           hidden_states=_gather_hidden(shard, out.hidden_states, L))
         return res if _return_dict(self.config, return_dict) else res.to_tuple()

@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..parallel import apply_activation_checkpointing, initialize_model_parallel, parallelize
 from .checkpoint import CheckpointManager, read_meta
 
 #: The built-in config when ``--deepspeed`` is not given: plain data parallel, fp32.
@@ -642,11 +643,8 @@ class Trainer:
         self.tp, self.sp = tp, sp
         self.mpu = None
         if tp * sp > 1:
-            parallel = _parallel_module("--tensor-parallel/--sequence-parallel > 1")
-            self.state = parallel.initialize_model_parallel(tensor_parallel=tp, sequence_parallel=sp)
-            # The Megatron-style object deepspeed.initialize(mpu=...) takes: the state itself,
-            # or its ``.mpu`` where it keeps one apart.
-            self.mpu = getattr(self.state, "mpu", self.state)
+            self.state = initialize_model_parallel(tensor_parallel=tp, sequence_parallel=sp)
+            self.mpu = self.state  # the Megatron-style object deepspeed.initialize(mpu=...) takes
             # Every TP and SP rank of one data-parallel replica reads the same micro-batches.
             self.dp_rank = self.mpu.get_data_parallel_rank()
             self.dp_size = self.mpu.get_data_parallel_world_size()
@@ -661,26 +659,12 @@ class Trainer:
         model = self.model_factory()
         # Order: tensor/sequence parallel, then activation checkpointing, then ZeRO (initialize).
         if self.state is not None:
-            model = _parallel_module("tensor/sequence parallelism").parallelize(model, self.state) or model
+            model = parallelize(model, self.state)
         policy = getattr(a, "activation_checkpointing", "none")
         if policy not in AC_POLICIES:
             raise ValueError(f"--activation-checkpointing must be one of {AC_POLICIES}, got {policy!r}")
         if policy != "none":
-            k = int(getattr(a, "activation_checkpointing_k", 2))
-            try:
-                parallel = importlib.import_module("littlebird_ds.parallel")
-                apply = getattr(parallel, "apply_activation_checkpointing")
-            except (ImportError, AttributeError):
-                apply = None
-            if apply is not None:
-                model = apply(model, policy, every_k=k) or model
-            elif policy == "full":
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                raise RuntimeError(
-                    "--activation-checkpointing every_k needs littlebird_ds.parallel.apply_activation_checkpointing, "
-                    "which is not available in this install; use --activation-checkpointing full"
-                )
+            model = apply_activation_checkpointing(model, policy, every_k=int(getattr(a, "activation_checkpointing_k", 2)))
         return model.to(self.device)
 
     def _initialize(self, model) -> None:
@@ -909,13 +893,6 @@ def seed_micro_batch(seed: int, micro_batch: int) -> None:
     random.seed(value)
     np.random.seed(int(state[1]) % 2**32)
     torch.manual_seed(value)
-
-
-def _parallel_module(what: str):
-    try:
-        return importlib.import_module("littlebird_ds.parallel")
-    except ImportError as e:
-        raise RuntimeError(f"{what} needs littlebird_ds.parallel, which failed to import: {e}") from e
 
 
 def _progress(rank: int, total: int, initial: int):

@@ -454,9 +454,6 @@ def prepare_pretraining(args) -> PretrainSetup:
             raise ValueError("--rss-weight needs --model littlebird: the span-selection head is LittleBird's")
         if rss_q < 1:
             raise ValueError(f"--rss-max-questions {rss_q} must be >= 1")
-        if getattr(args, "tensor_parallel", 1) not in (None, 1) or getattr(args, "sequence_parallel", 1) not in (None, 1):
-            raise ValueError("--rss-weight runs without tensor or sequence parallelism (the parallel forwards have "
-                             "no span-selection head); drop --tensor-parallel/--sequence-parallel or --rss-weight")
 
     main = is_main_process()
     t0 = time.perf_counter()

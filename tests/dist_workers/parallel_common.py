@@ -74,8 +74,14 @@ def batch(lengths: list[int], vocab: int = 97, seed: int = 0) -> dict:
     labels = torch.where((torch.rand(B, L, generator=g) < 0.3) & (mask == 1), ids, torch.full_like(ids, -100))
     start = torch.tensor([min(3, n - 1) for n in lengths])
     end = torch.tensor([n - 2 for n in lengths])
+    # Recurring span selection: two question slots per row (the second unused in the first row),
+    # questions and targets anywhere in the row, so they cross sequence shards.
+    questions = torch.tensor([[n // 2, 1 if i else -1] for i, n in enumerate(lengths)])
+    rss_starts = torch.tensor([[n - 5, 2] for n in lengths])
+    rss_ends = torch.tensor([[n - 3, 4] for n in lengths])
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels,
-                start_positions=start, end_positions=end)
+                start_positions=start, end_positions=end,
+                rss_questions=questions, rss_starts=rss_starts, rss_ends=rss_ends)
 
 
 def inputs_for(model_kind: str, b: dict) -> dict:
@@ -83,8 +89,10 @@ def inputs_for(model_kind: str, b: dict) -> dict:
     at labelled tokens only, as pretraining runs it)."""
     keep = ["input_ids", "attention_mask", "token_type_ids"]
     keep += ["labels"] if model_kind.startswith("mlm") else ["start_positions", "end_positions"]
+    if model_kind == "mlm_rss":  # masked LM (masked logits only) plus recurring span selection
+        keep += ["rss_questions", "rss_starts", "rss_ends"]
     x = {k: b[k] for k in keep}
-    if model_kind == "mlm_masked":
+    if model_kind in ("mlm_masked", "mlm_rss"):
         x["masked_logits_only"] = True
     return x
 
@@ -104,6 +112,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float | None = None) -> f
 
 
 def outputs_of(kind: str, out) -> dict:
+    if kind == "mlm_rss":
+        return {"loss": out.loss, "logits": out.logits, "rss_loss": out.rss_loss,
+                "rss_start_logits": out.rss_start_logits, "rss_end_logits": out.rss_end_logits}
     if kind.startswith("mlm"):  # mlm_masked: [M, V] over the whole vocabulary and batch, as one process
         return {"loss": out.loss, "logits": out.logits}
     return {"loss": out.loss, "start_logits": out.start_logits, "end_logits": out.end_logits}
@@ -114,6 +125,8 @@ def objective(kind: str, out) -> torch.Tensor:
     logits, as distillation's KL uses them, so their gradient through the TP/SP gathers is checked."""
     if kind == "mlm_masked":
         return out.loss + 0.1 * out.logits.float().logsumexp(-1).mean()
+    if kind == "mlm_rss":  # the span-selection head reads gathered tokens: its gradient must count once
+        return out.loss + out.rss_loss
     return out.loss
 
 
@@ -168,6 +181,9 @@ def build_pair(kind: str, cfg: LittleBirdConfig, seed: int = 0):
 
     torch.manual_seed(seed)
     cls = LittleBirdForMaskedLM if kind.startswith("mlm") else LittleBirdForQuestionAnswering
+    if kind == "mlm_rss":
+        cfg = copy.deepcopy(cfg)
+        cfg.rss_head = True
     ref = cls(cfg).train()
     # Non-trivial BiALiBi per head, so a wrong head slice shows in outputs.
     with torch.no_grad():

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from littlebird_ds import LittleBirdModel
 from littlebird_ds.parallel import initialize_model_parallel, parallelize
 from littlebird_ds.parallel import mappings as M
-from littlebird_ds.parallel.tensor_parallel import sharded_dropout_rng, vocab_parallel_cross_entropy
+from littlebird_ds.parallel.cross_entropy import vocab_parallel_cross_entropy
+from littlebird_ds.parallel.rng import sharded_dropout_rng
 
 
 def mk(i, shape, scale=1.0):

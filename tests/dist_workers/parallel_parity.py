@@ -45,7 +45,7 @@ def run(tp: int, sp: int, extras: bool = False, use_deepspeed: bool = False,
     result = {"tol": pc.TOL}
     worst = 0.0
 
-    for kind in ("mlm", "mlm_masked", "qa"):
+    for kind in ("mlm", "mlm_masked", "mlm_rss", "qa"):
         ref, par = pc.build_pair(kind, cfg)
         parallelize(par, state)
         for bname, b in batches.items():
