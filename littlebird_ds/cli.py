@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "pretrain": "littlebird_ds.commands.pretrain",
     "bench": "littlebird_ds.commands.bench",
     "scale": "littlebird_ds.commands.scale",
+    "parity": "littlebird_ds.commands.parity",
     "export": "littlebird_ds.commands.export",
     "make-qa": "littlebird_ds.commands.make_qa",
     "distill": "littlebird_ds.commands.distill",

@@ -328,17 +328,29 @@ def test_accelerate_launch_zero2_plugin(reference, tmp_path):
     assert meta["zero_stage"] == 2 and meta["world_size"] == 2
 
 
-def test_accelerate_yamls_parse():
-    """Every accelerate YAML in launch/ loads with accelerate's own config loader."""
+def test_accelerate_yamls_parse_and_point_at_the_shipped_ds_configs():
+    """Every accelerate YAML in launch/ loads with accelerate's own config loader; the DeepSpeed
+    ones name a shipped ds_configs file (relative to the repository root) instead of repeating
+    its settings, and the multi-node one uses torchrun's rendezvous (no ssh)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     yamls = sorted(LAUNCH.glob("accelerate_*.yaml"))
-    assert [y.name for y in yamls] == ["accelerate_ddp.yaml", "accelerate_zero2.yaml", "accelerate_zero3.yaml"]
+    assert [y.name for y in yamls] == ["accelerate_ddp.yaml", "accelerate_zero2.yaml",
+                                       "accelerate_zero2_multinode.yaml", "accelerate_zero3.yaml"]
     stages = {}
     for y in yamls:
         c = load_config_from_file(str(y))
-        stages[y.name] = (c.deepspeed_config or {}).get("zero_stage")
-    assert stages == {"accelerate_ddp.yaml": None, "accelerate_zero2.yaml": 2, "accelerate_zero3.yaml": 3}
+        ds = c.deepspeed_config or {}
+        assert "zero_stage" not in ds, f"{y.name} repeats ZeRO settings; name a ds_configs file instead"
+        if "deepspeed_config_file" in ds:
+            cfg = json.loads((ROOT / ds["deepspeed_config_file"]).read_text())
+            stages[y.name] = cfg["zero_optimization"]["stage"]
+        else:
+            stages[y.name] = None
+    assert stages == {"accelerate_ddp.yaml": None, "accelerate_zero2.yaml": 2, "accelerate_zero2_multinode.yaml": 2,
+                      "accelerate_zero3.yaml": 3}
+    multi = load_config_from_file(str(LAUNCH / "accelerate_zero2_multinode.yaml"))
+    assert multi.num_machines == 2 and multi.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
 
 
 # ---------------------------------------------------------------------------------------------

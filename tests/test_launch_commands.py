@@ -219,3 +219,99 @@ def test_megatron_style_deepspeed_flags_name_the_same_config():
                  ["--deepspeed-config", cfg], ["--deepspeed", cfg, "--deepspeed_config", cfg]):
         assert deepspeed_config_path(p.parse_args(argv)) == cfg, argv
     assert deepspeed_config_path(p.parse_args([])) is None
+
+
+# ------------------------------------------------------------------------------------------
+# The documented multi-node command lines, as written in launch/README.md
+# ------------------------------------------------------------------------------------------
+def documented_commands(text: str) -> list[list[str]]:
+    """The training command lines of a markdown text: indented code lines, ``\\`` continuations
+    joined, that start ``littlebird_ds.cli pretrain``."""
+    import shlex
+
+    commands, current = [], ""
+    for line in text.splitlines():
+        if not line.startswith("    "):
+            current = ""
+            continue
+        current += " " + line.strip().rstrip("\\")
+        if not line.rstrip().endswith("\\"):
+            if "littlebird_ds.cli pretrain" in current:
+                commands.append(shlex.split(current))
+            current = ""
+    return commands
+
+
+def _node(words: list[str]) -> int | None:
+    for i, w in enumerate(words):
+        if w.startswith("NODE_RANK="):
+            return int(w.split("=", 1)[1])
+        if w == "--machine_rank":
+            return int(words[i + 1])
+    return None
+
+
+def _tiny(words: list[str], data: Path, out: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """A documented command at a tiny size on this machine: loopback, one process per node,
+    this test's corpus and tokenizer, 2 steps of 64 tokens, output under ``out``."""
+    env, argv = {}, list(words)
+    while argv and "=" in argv[0] and not argv[0].startswith("-"):
+        k, v = argv.pop(0).split("=", 1)
+        env[k] = v
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "NPROC_PER_NODE" in env or "deepspeed_multinode.sh" in " ".join(argv):
+        env["NPROC_PER_NODE"] = "1"
+    swap = {"--main_process_ip": "127.0.0.1", "--main_process_port": str(port), "--tokenizer": str(data / "tok"),
+            "--corpus": str(data / "corpus"), "--max-length": "64", "--max-steps": "2", "--out": str(out)}
+    for i, w in enumerate(argv[:-1]):
+        if w in swap:
+            argv[i + 1] = swap[w]
+    if argv[0] == "torchrun":  # its own default port would collide with other runs
+        argv[1:1] = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return argv, env
+
+
+def _run_together(commands: list[list[str]], data: Path, out: Path, what: str) -> None:
+    port, procs = free_port(), []
+    for words in commands:
+        argv, env = _tiny(words, data, out, port)
+        procs.append(subprocess.Popen(argv, env=launch_env(**env), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for r, proc in enumerate(procs):
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        _check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), f"{what} node {r}")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "launch/README.md"])
+def test_documented_training_command_lines_run_as_written(doc, data, tmp_path):
+    """Every ``littlebird_ds.cli pretrain`` command line in the doc runs as written, at a tiny size
+    (loopback, one process per node, 2 steps of 64 tokens, this test's corpus and tokenizer):
+    two-node pairs (``NODE_RANK=R`` / ``--machine_rank R``) start together. Each trains 2 steps
+    with the world size and ZeRO stage its line asks for, and exports a model."""
+    commands = documented_commands((ROOT / doc).read_text())
+    singles = [c for c in commands if _node(c) is None]
+    pairs: dict[str, list[list[str]]] = {}
+    for c in commands:
+        if _node(c) is not None:
+            pairs.setdefault(next(k for k in ("torchrun", "deepspeed", "accelerate") if any(k in w for w in c)), []).append(c)
+    assert all(sorted(map(_node, p)) == [0, 1] for p in pairs.values()), pairs
+    want = {"README.md": (2, ["deepspeed"]), "launch/README.md": (1, ["accelerate", "deepspeed", "torchrun"])}[doc]
+    assert (len(singles), sorted(pairs)) == want, (singles, sorted(pairs))
+    runs = [(f"line {i}", [c]) for i, c in enumerate(singles)] + sorted(pairs.items())
+    for name, group in runs:
+        out = tmp_path / name.replace(" ", "_")
+        _run_together(group, data, out, name)
+        train, _ = _records(out)
+        assert max(train) == 2, (name, train)  # the last step is always logged
+        meta = json.loads((out / "checkpoints" / "step_00000002" / "littlebird_checkpoint.json").read_text())
+        words = group[0]
+        world = int(words[words.index("--nproc_per_node") + 1]) if "--nproc_per_node" in words else len(group)
+        assert meta["world_size"] == world, (name, meta)
+        stage = 1 if "zero1" in " ".join(words) else 2
+        assert meta["zero_stage"] == stage, (name, meta)
+        assert (out / "final" / "model.safetensors").exists()

@@ -620,12 +620,16 @@ class Trainer:
         if sp > 1:
             cfg, source = _base_ds_config(a)  # whichever source: --deepspeed or accelerate's plugin
             if int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
-                # Measured: with SP=2 x DP=2, ZeRO-3's losses leave the single-process run's from
-                # the second step and its checkpoints do not gather; ZeRO-1/2 match exactly.
+                # Measured (docs/scale.md, `littlebird-ds parity`): under DeepSpeed 0.19 ZeRO-3 with
+                # SP=2 leaves the one-process losses from the second step (also with its contiguous
+                # gradient path, which has the SP correction that its reduce-scatter path lacks), and
+                # zero_to_fp32 cannot gather its checkpoints (partitioned over SP x DP ranks, read as
+                # DP). ZeRO-1/2 with SP match one process.
                 raise ValueError(
-                    f"--sequence-parallel {sp} with ZeRO stage 3 ({source}) is not supported: in this DeepSpeed "
-                    "version ZeRO-3 reduces sequence-parallel gradients wrongly; use a ZeRO-1 or ZeRO-2 config "
-                    "(ds_configs/zero2_fp32.json), or --sequence-parallel 1 with ZeRO-3"
+                    f"--sequence-parallel {sp} with ZeRO stage 3 ({source}) is not supported: DeepSpeed's ZeRO-3 "
+                    "reduces sequence-parallel gradients wrongly and cannot export the checkpoint; use ZeRO-2 with "
+                    "sequence parallelism (ds_configs/zero2_fp32.json), "
+                    "or ZeRO-3 with --tensor-parallel instead"
                 )
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % (tp * sp):
