@@ -206,7 +206,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON results; the plot goes next to it (.png)")
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variant]
-    from littlebird_ds.data.make_qa import atomic_write_json
+    from littlebird_ds.utils.io import atomic_write_json
 
     results = []
     for name, pi_max, overrides in variants:

@@ -24,7 +24,6 @@ pipeline resumes there, and a training stage continues from its last checkpoint 
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -34,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from .utils.io import atomic_write_json
 
 #: Sizes, lengths and step counts per preset. ``tiny`` finishes in under 20 minutes on 2 CPU cores (19.5 measured).
 PRESETS: dict[str, dict] = {
@@ -74,12 +75,6 @@ class PipelineOptions:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         return {**PRESETS[self.preset], **self.overrides}
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def launcher_prefix(launcher: str) -> list[str]:
@@ -133,7 +128,8 @@ class Pipeline:
 
     def _finish(self, stage: str, info: dict) -> None:
         self.dir(stage).mkdir(parents=True, exist_ok=True)
-        _atomic_json(self.dir(stage) / "DONE.json", {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
+        atomic_write_json(self.dir(stage) / "DONE.json", {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info},
+                          indent=2, default=str)
 
     def _pretrain_data(self) -> list[str]:
         return ["--corpus", self.o.corpus, "--validation-fraction", str(self.s["validation_fraction"])]
@@ -271,7 +267,7 @@ class Pipeline:
             if s["qa_bialibi_lr_scale"] != 1.0:  # the same for all three runs
                 argv += ["--bialibi-lr-scale", str(s["qa_bialibi_lr_scale"])]
             self._run("qa", argv + self._train_common(out, s["qa_steps"]), train=True, log_name=f"{name}.log")
-            _atomic_json(out / "DONE.json", {"model": str(out / "final")})
+            atomic_write_json(out / "DONE.json", {"model": str(out / "final")}, indent=2, default=str)
             done[name] = str(out / "final")
         return done
 
@@ -306,7 +302,7 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(self.out / "pipeline.json", {**asdict(self.o), "settings": self.s})
+        atomic_write_json(self.out / "pipeline.json", {**asdict(self.o), "settings": self.s}, indent=2, default=str)
         stages = self.stages()
         t0 = time.time()
         with tqdm(total=len(stages), desc="pipeline", unit="stage") as bar:

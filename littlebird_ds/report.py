@@ -20,9 +20,10 @@ only when the (pretrained) model with Padding Insertion reaches ``MIN_LEARNED_F1
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
+
+from .utils.io import atomic_write_json, atomic_write_text
 
 TRAINING_STAGES = ("teacher", "distill", "further")
 #: F1 at the training length below which a QA comparison is not evidence (near chance).
@@ -278,13 +279,9 @@ def write_report(out: Path, settings: dict, options=None) -> dict[str, Path]:
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
     md = out / "report.md"
-    tmp = md.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, md)
+    atomic_write_text(md, "\n".join(lines) + "\n")
     js = out / "report.json"
-    tmp = js.with_name("report.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, js)
+    atomic_write_json(js, summary, indent=2, default=str)
     paths.update(report_md=md, report_json=js)
     if loss_png:
         paths["losses_png"] = loss_png

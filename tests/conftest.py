@@ -1,5 +1,4 @@
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -36,14 +35,9 @@ def tiny():
     return tiny_config
 
 
+from littlebird_ds.utils.io import free_port  # noqa: E402,F401  (the tests' one free-port helper; after the env above)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a launched group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(**extra) -> dict:

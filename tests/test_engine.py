@@ -530,16 +530,17 @@ def test_dataset_batches_position_and_sharding():
 
 
 def test_latest_pointer_is_replaced_atomically(tmp_path):
-    from littlebird_ds.train.checkpoint import LATEST, read_latest, resolve_checkpoint, write_text_atomic
+    from littlebird_ds.train.checkpoint import LATEST, read_latest, resolve_checkpoint
+    from littlebird_ds.utils.io import atomic_write_text
 
     (tmp_path / "step_00000002").mkdir()
     (tmp_path / "step_00000002" / "littlebird_checkpoint.json").write_text("{}")
-    write_text_atomic(tmp_path / LATEST, "step_00000002")
+    atomic_write_text(tmp_path / LATEST, "step_00000002")
     assert read_latest(tmp_path) == "step_00000002"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert resolve_checkpoint(tmp_path) == (tmp_path, "step_00000002")
     assert resolve_checkpoint(tmp_path / "step_00000002") == (tmp_path, "step_00000002")
-    write_text_atomic(tmp_path / LATEST, "step_00000009")
+    atomic_write_text(tmp_path / LATEST, "step_00000009")
     with pytest.raises(FileNotFoundError, match="names checkpoint 'step_00000009', which does not exist"):
         read_latest(tmp_path)
     shutil.rmtree(tmp_path / "step_00000002")

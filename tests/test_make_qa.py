@@ -9,7 +9,6 @@ import pytest
 
 from littlebird_ds.data.make_qa import (
     ClozeQAConfig,
-    atomic_write_json,
     make_cloze_qa,
     sentence_spans,
     split_documents,
@@ -18,6 +17,7 @@ from littlebird_ds.data.make_qa import (
     write_cloze_qa,
 )
 from littlebird_ds.data.qa import load_qa_examples
+from littlebird_ds.utils.io import atomic_write_json
 from littlebird_ds.eval.squad_metrics import evaluate_predictions
 
 # Short books (Ruth, Joel, Obadiah, Jonah, Nahum, Habakkuk, Zephaniah, Haggai, Malachi,

@@ -21,12 +21,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..utils.io import atomic_write_json, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
@@ -77,12 +78,6 @@ MODES: dict[str, Mode] = {m.name: m for m in [
     Mode("deepspeed-2nodes", "deepspeed-2nodes", 2, 2, "zero2_fp32.json"),
     Mode("accelerate-2nodes", "accelerate-2nodes", 2, 2, "zero2_fp32.json"),
 ]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(**extra: str) -> dict[str, str]:
@@ -199,7 +194,7 @@ def run_mode(mode: Mode, command: str, data: Path, out: Path, timeout: int = 900
                                                            *mode.flags]
     if mode.launcher != "accelerate-2nodes":  # accelerate's YAML names its DeepSpeed config
         args += ["--deepspeed", "--deepspeed_config", str(DS_CONFIGS / mode.ds_config)]
-    port = _free_port()
+    port = free_port()
     nodes = 2 if mode.launcher.endswith("2nodes") else 1
     procs = []
     for node in range(nodes):
@@ -311,9 +306,7 @@ def run_table(out: Path, modes: list[str], commands: list[str], echo=print) -> l
             cell.update(mode=name, command=command, seconds=round(time.perf_counter() - t0, 1))
             rows.append(cell)
             echo(format_row(cell))
-            tmp = out / "parity.json.tmp"
-            tmp.write_text(json.dumps(rows, indent=1, default=str))
-            os.replace(tmp, out / "parity.json")
+            atomic_write_json(out / "parity.json", rows, indent=1, default=str)
     return rows
 
 

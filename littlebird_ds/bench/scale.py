@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.io import atomic_write_text, free_port
 from .systems import SIZES
 from .worker import _status_kb
 
@@ -157,16 +158,8 @@ def command_for(mode: str, length: int, args) -> list[str]:
         worker_args.append("--release-memory")
     if sp > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sp), "--master_port",
-                str(_free_port()), "-m", "littlebird_ds.bench.scale", "--worker", *worker_args]
+                str(free_port()), "-m", "littlebird_ds.bench.scale", "--worker", *worker_args]
     return [sys.executable, "-m", "littlebird_ds.bench.scale", "--worker", *worker_args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def attempt(mode: str, length: int, args, log) -> Attempt:
@@ -312,12 +305,6 @@ def plot(attempts: list[Attempt], total_gb: float, path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="sp1,sp2,zero3-offload",
                    help=f"comma-separated, of {', '.join(MODES)} (default sp1,sp2,zero3-offload)")
@@ -382,16 +369,16 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         bar.update(1)
         bar.set_postfix_str(f"{at.mode} {at.length:,}: {'fit' if at.ok else 'no'}")
         summary = summarise(attempts, total, args.reserve_gb)
-        _atomic_write(out / "scale.json", json.dumps({"command": command, "machine_gb": total, "summary": summary,
+        atomic_write_text(out / "scale.json", json.dumps({"command": command, "machine_gb": total, "summary": summary,
                                                       "attempts": [a.__dict__ for a in attempts]}, indent=2))
-        _atomic_write(out / "scale.md", markdown(summary, attempts, command, total))
+        atomic_write_text(out / "scale.md", markdown(summary, attempts, command, total))
         plot(attempts, total, out / "scale.png")
 
     if args.report_only:  # measure nothing: rewrite the summary, table and plot of --out's scale.json
         summary = summarise(attempts, total, args.reserve_gb)
-        _atomic_write(out / "scale.json", json.dumps({"command": prev["command"], "machine_gb": total, "summary": summary,
+        atomic_write_text(out / "scale.json", json.dumps({"command": prev["command"], "machine_gb": total, "summary": summary,
                                                       "attempts": [a.__dict__ for a in attempts]}, indent=2))
-        _atomic_write(out / "scale.md", markdown(summary, attempts, prev["command"], total))
+        atomic_write_text(out / "scale.md", markdown(summary, attempts, prev["command"], total))
         plot(attempts, total, out / "scale.png")
         print((out / "scale.md").read_text())
         return 0

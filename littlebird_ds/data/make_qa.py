@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import bisect
 import collections
-import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from littlebird_ds.eval.squad_metrics import normalize_answer
+from littlebird_ds.utils.io import atomic_write_json
 
 # Words, keeping apostrophe-joined forms such as Chichewa "m'mawa" whole.
 _WORD = re.compile(r"\w+(?:['\u2019]\w+)*", re.UNICODE)
@@ -480,29 +479,6 @@ def to_squad(records: Sequence[Mapping[str, Any]], version: str = "littlebird-cl
         articles.setdefault(r["doc_id"], []).append({"context": r["context"], "qas": [qa]})
     return {"version": version,
             "data": [{"title": doc_id, "paragraphs": ps} for doc_id, ps in articles.items()]}
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder and ``os.replace``,
-    so a reader never sees a half-written file and an error leaves none behind."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file owner-only; give it the permissions open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_cloze_qa(

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.io import TMP_PREFIX, atomic_write_text, fsync_dir
+
 LATEST = "latest"
 META = "littlebird_checkpoint.json"
-TMP_PREFIX = ".tmp-"
 _TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -55,30 +56,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def read_latest(root: str | os.PathLike) -> str | None:
@@ -170,8 +147,8 @@ class CheckpointManager:
                 os.rename(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
-            write_text_atomic(self.root / LATEST, tag)
+            fsync_dir(self.root)
+            atomic_write_text(self.root / LATEST, tag)
             self._prune(keep_tag=tag)
         self._barrier()
         return self.root / tag

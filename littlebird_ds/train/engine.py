@@ -68,7 +68,6 @@ import math
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -79,6 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.io import free_port
 from ..parallel import apply_activation_checkpointing, initialize_model_parallel, parallelize
 from .checkpoint import CheckpointManager, read_meta
 
@@ -188,12 +188,6 @@ def _args_value(args, name: str, default=None):
 # ---------------------------------------------------------------------------------------------
 # Environment and process group
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def on_cpu() -> bool:
     """True when training runs on CPU (no CUDA device, or ``DS_ACCELERATOR=cpu``)."""
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
@@ -211,7 +205,7 @@ def prepare_environment(local_rank: int | None = None) -> None:
     else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)
     os.environ.setdefault("LOCAL_RANK", "0")

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.io import atomic_savefig
 from .qa_eval import evaluate_files, load_model_and_tokenizer, write_results
 
 __all__ = ["run_pi_experiment", "plot_results"]
@@ -179,10 +180,8 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike[str], title: s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    atomic_savefig(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from littlebird_ds.data.make_qa import atomic_write_json
+from littlebird_ds.utils.io import atomic_write_json
 from littlebird_ds.data.qa import _fit_question, load_qa_examples, postprocess_predictions, prepare_features
 from littlebird_ds.eval.squad_metrics import evaluate_predictions
 
