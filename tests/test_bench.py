@@ -38,7 +38,9 @@ def test_worker_measures_times_and_memory_in_a_fresh_process():
     assert res["system"] == "littlebird:blocked" and res["kernels"] == {"infer": "blocked", "train": "blocked"}
     for mode in ("infer", "train"):
         assert res[mode]["median_s"] > 0 and len(res[mode]["times_s"]) == 1
-        assert res[mode]["peak_bytes"] >= 0 and res[mode]["hwm_reset"] in (True, False)
+        # The peak is the process's resident high-water mark: a real process holds megabytes.
+        assert res[mode]["peak_bytes"] > 10 * 2**20, res[mode]
+        assert isinstance(res[mode]["hwm_reset"], bool)
     assert res["release_memory"] is False
 
 

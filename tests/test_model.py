@@ -151,17 +151,31 @@ def _grads(model, ids, labels):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def _count_layer_forwards(model) -> list[int]:
+    """Per layer, how many times its forward runs (a recomputation in backward counts again)."""
+    counts = [0] * len(model.littlebird.layers)
+    for i, layer in enumerate(model.littlebird.layers):
+        # on a sub-module: checkpointing wraps the layer's forward, inside its __call__ hooks
+        layer.attention.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_gradients():
+    """Checkpointing is on when each layer's forward runs again in backward (counted), and the
+    gradients equal the run that keeps activations (dropout masks replayed)."""
     torch.manual_seed(0)
     model = lb.LittleBirdForMaskedLM(tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)).train()
     ids = _ids(2, 40)
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
+    counts = _count_layer_forwards(model)
     torch.manual_seed(1)
     plain = _grads(model, ids, labels)
+    assert counts == [1] * len(counts)
     model.gradient_checkpointing_enable()
-    assert all(layer.gradient_checkpointing for layer in model.littlebird.layers)
+    counts[:] = [0] * len(counts)
     torch.manual_seed(1)
     ckpt = _grads(model, ids, labels)
+    assert counts == [2] * len(counts), counts  # forward, then the recomputation in backward
     assert plain.keys() == ckpt.keys() == {n for n, _ in model.named_parameters()}
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)

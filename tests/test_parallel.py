@@ -131,9 +131,10 @@ def _mlm_batch(cfg, B=2, L=37, seed=0):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def test_activation_checkpointing_policies_give_the_same_gradients():
-    """none / full / every_k (k = 2 of 3 layers), dropout on: non-reentrant checkpointing restores
-    the RNG state, so recomputed layers draw the same masks and gradients are bitwise equal."""
+def test_activation_checkpointing_policies_recompute_their_layers_with_the_same_gradients():
+    """none / full / every_k (k = 2 of 3 layers), dropout on: the selected layers run their forward
+    again in backward (counted), and non-reentrant checkpointing restores the RNG state, so
+    recomputed layers draw the same masks and gradients are bitwise equal."""
     cfg = tiny_config(num_hidden_layers=3, num_attention_heads=4, hidden_size=32, hidden_dropout_prob=0.1,
                       attention_probs_dropout_prob=0.1)
     torch.manual_seed(0)
@@ -145,13 +146,21 @@ def test_activation_checkpointing_policies_give_the_same_gradients():
         m(**batch).loss.backward()
         return {n: p.grad for n, p in m.named_parameters()}
 
+    def counting(m):
+        counts = [0] * len(m.littlebird.layers)
+        for i, layer in enumerate(m.littlebird.layers):
+            layer.attention.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        return counts
+
     want = grads(ref)
     expected = {"none": [False] * 3, "full": [True] * 3, "every_k": [True, False, True]}
     for policy, pattern in expected.items():
         model = apply_activation_checkpointing(copy.deepcopy(ref), policy, every_k=2)
         model.zero_grad(set_to_none=True)
         assert [layer.gradient_checkpointing for layer in model.littlebird.layers] == pattern
+        counts = counting(model)
         got = grads(model)
+        assert counts == [2 if on else 1 for on in pattern], (policy, counts)
         for n in want:
             assert torch.equal(got[n], want[n]), (policy, n)
 
