@@ -216,7 +216,7 @@ def run_mode(mode: Mode, command: str, data: Path, out: Path, timeout: int = 900
             if p.poll() is None:
                 p.kill()
         lines = (out.parent / f"{out.name}.node{failed[0]}.log").read_text(errors="replace").splitlines()
-        said = [ln for ln in lines if ln.startswith("littlebird-ds ") and ": error: " in ln]  # the CLI's one line
+        said = [ln for ln in lines if ": error: " in ln and not ln.startswith("[")]  # the command's one line
         raise RuntimeError(f"node {failed[0]} exit {failed[1]}: " + " | ".join(said[:1] or lines[-15:]))
 
 
