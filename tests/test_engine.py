@@ -413,7 +413,7 @@ def test_zero3_with_sequence_parallel_error(tmp_path):
 
     args = _args(out=tmp_path, sequence_parallel=2, deepspeed=str(DS_CONFIGS / "zero3_offload_fp32.json"))
     trainer = Trainer(args, model_factory=lambda: None, loss_fn=lambda m, b: None, batches=lambda *a: iter(()))
-    with pytest.raises(ValueError, match=r"--sequence-parallel 2 with ZeRO stage 3 .* use a ZeRO-1 or ZeRO-2 config"):
+    with pytest.raises(ValueError, match=r"--sequence-parallel 2 with ZeRO stage 3 .* use ZeRO-2 with sequence parallelism .* or ZeRO-3 with --tensor-parallel"):
         trainer.setup()
 
 
