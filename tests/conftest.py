@@ -1,5 +1,5 @@
 import os
-import sys
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,19 +35,26 @@ def tiny():
     return tiny_config
 
 
-from littlebird_ds.utils.io import free_port  # noqa: E402,F401  (the tests' one free-port helper; after the env above)
+# The tests' free port and launch environment (after the env above).
+from littlebird_ds.bench.parity import launch_env  # noqa: E402,F401
+from littlebird_ds.utils.io import free_port  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch_env(**extra) -> dict:
-    """This process's environment for launching workers: no launcher variables of its own, CPU and
-    gloo, one thread per process, loopback, this venv's scripts on PATH, the checkout importable."""
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
-              "ACCELERATE_USE_CPU"):
-        env.pop(k, None)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT))
-    env.update(extra)
-    return env
+def run_together(commands: list[tuple[list[str], dict]], what: str, timeout: float) -> list[subprocess.CompletedProcess]:
+    """Start every ``(argv, env)`` at once in the checkout (the nodes or launches of one job), wait
+    for all, kill all if one outlasts ``timeout``; each must exit 0 (the message shows its output)."""
+    procs = [subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv, env in commands]
+    results = []
+    for r, proc in enumerate(procs):
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert proc.returncode == 0, f"{what} node {r}: exit {proc.returncode}\nstdout:\n{out[-2000:]}\nstderr:\n{err[-6000:]}"
+        results.append(subprocess.CompletedProcess(proc.args, 0, out, err))
+    return results

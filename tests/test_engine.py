@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, launch_env
+from conftest import free_port, launch_env, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_workers" / "engine_train.py"
@@ -273,19 +273,7 @@ def test_export_round_trip_from_zero3(zero3_run, tmp_path):
 # Launchers: 2 nodes over loopback (torchrun and deepspeed --no_ssh), accelerate
 # ---------------------------------------------------------------------------------------------
 def _two_nodes(cmd_for_rank, env_for_rank) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(cmd_for_rank(r), env=env_for_rank(r), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    results = []
-    for r, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert proc.returncode == 0, f"node {r} exit {proc.returncode}\n{out[-2000:]}\n{err[-5000:]}"
-        results.append(subprocess.CompletedProcess(proc.args, 0, out, err))
-    return results
+    return run_together([(cmd_for_rank(r), env_for_rank(r)) for r in (0, 1)], "two nodes", TIMEOUT)
 
 
 def test_zero2_dp2_two_nodes_torchrun_script_matches_single_process(reference, tmp_path):

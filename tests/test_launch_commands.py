@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, launch_env
+from conftest import free_port, launch_env, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -32,18 +32,6 @@ ATOL = 1e-5
 # Dropout on for data parallelism: masks must follow the micro-batch, not the rank. Tensor and
 # sequence parallelism draw attention-dropout masks per head shard (as Megatron does), so their
 # comparison with one process runs without dropout.
-MODEL = """\
-hidden_size: 32
-num_hidden_layers: 2
-num_attention_heads: 2
-intermediate_size: 64
-block_size: 16
-pack_size: 8
-hidden_dropout_prob: {p}
-attention_probs_dropout_prob: {p}
-"""
-
-
 
 
 def _check(p: subprocess.CompletedProcess, what: str) -> None:
@@ -52,22 +40,14 @@ def _check(p: subprocess.CompletedProcess, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """``corpus/`` (three books), ``tok/`` (unigram, 1000 ids), ``model.yaml`` and ``model_nodrop.yaml``."""
-    from littlebird_ds.data.corpus import load_corpus
-    from littlebird_ds.data.tokenizer import train_tokenizer
+    """``corpus/`` (three books), ``tok/`` (unigram, 1000 ids), ``model_drop.yaml`` and
+    ``model_nodrop.yaml``: the parity benchmark's pretraining inputs."""
+    from littlebird_ds.bench.parity import prepare_pretraining
 
-    root = tmp_path_factory.mktemp("launch")
-    books = {d.id.rsplit("/", 1)[1]: d.text for d in load_corpus("chichewa-bible")}
-    (root / "corpus").mkdir()
-    for b in ("06", "07", "08"):
-        (root / "corpus" / f"book{b}.txt").write_text(books[b], encoding="utf-8")
-    train_tokenizer(root / "corpus", root / "tok", vocab_size=1000)
-    (root / "model.yaml").write_text(MODEL.format(p=0.1))
-    (root / "model_nodrop.yaml").write_text(MODEL.format(p=0.0))
-    return root
+    return prepare_pretraining(tmp_path_factory.mktemp("launch"))
 
 
-def _pretrain_args(d: Path, out: Path, model: str = "model.yaml") -> list[str]:
+def _pretrain_args(d: Path, out: Path, model: str = "model_drop.yaml") -> list[str]:
     return ["pretrain", "--preset", str(d / model), "--tokenizer", str(d / "tok"), "--corpus", str(d / "corpus"),
             "--validation-fraction", "0.2", "--max-length", "64", "--eval-examples", "16", "--max-steps", "4",
             "--eval-every", "2", "--log-every", "1", "--lr", "2e-3", "--warmup-steps", "1", "--out", str(out)]
@@ -132,17 +112,9 @@ def test_deepspeed_launcher_on_two_nodes_pretrains_as_one_process(data, referenc
     out = tmp_path / "run"
     args = [*_pretrain_args(data, out), "--batch-size", "2", "--deepspeed", "--deepspeed_config",
             str(ROOT / "ds_configs" / "zero2_fp32.json")]
-    procs = [subprocess.Popen(["bash", str(LAUNCH / "deepspeed_multinode.sh"), "--module", "littlebird_ds.cli", *args],
-                              env=launch_env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=port), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    for r, proc in enumerate(procs):
-        try:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        _check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), f"node {r}")
+    run_together([(["bash", str(LAUNCH / "deepspeed_multinode.sh"), "--module", "littlebird_ds.cli", *args],
+                   launch_env(NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=port)) for r in (0, 1)],
+                 "deepspeed_multinode.sh", TIMEOUT)
     meta = json.loads((out / "checkpoints" / "step_00000004" / "littlebird_checkpoint.json").read_text())
     assert meta["world_size"] == 2 and meta["zero_stage"] == 2
     _assert_same_run(out, reference_accum2)
@@ -272,19 +244,9 @@ def _tiny(words: list[str], data: Path, out: Path, port: int) -> tuple[list[str]
 
 
 def _run_together(commands: list[list[str]], data: Path, out: Path, what: str) -> None:
-    port, procs = free_port(), []
-    for words in commands:
-        argv, env = _tiny(words, data, out, port)
-        procs.append(subprocess.Popen(argv, env=launch_env(**env), cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for r, proc in enumerate(procs):
-        try:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        _check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), f"{what} node {r}")
+    port = free_port()
+    run_together([(argv, launch_env(**env)) for argv, env in (_tiny(w, data, out, port) for w in commands)],
+                 what, TIMEOUT)
 
 
 @pytest.mark.parametrize("doc", ["README.md", "launch/README.md"])

@@ -80,10 +80,15 @@ MODES: dict[str, Mode] = {m.name: m for m in [
 ]}
 
 
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR",
+                       "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU")
+
+
 def launch_env(**extra: str) -> dict[str, str]:
-    """This environment without any launcher's variables, on CPU over loopback."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    """This environment for launching workers (the tests use it too): no launcher variables of
+    its own, CPU and gloo, one thread per process, loopback, this interpreter's scripts on PATH,
+    the checkout importable, no hub."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
     # The launch scripts call ``python``/``deepspeed``: this interpreter's, as in an activated venv.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
@@ -95,30 +100,38 @@ def launch_env(**extra: str) -> dict[str, str]:
 # ----- data ---------------------------------------------------------------------------------
 
 
-def prepare(data: Path) -> Path:
-    """Tiny inputs under ``data`` (made once): three books of the Chichewa Bible, a 1000-id
-    tokenizer, model YAMLs with and without dropout, a random BERT teacher, random LittleBird
-    masked-LM models to fine-tune, and QA files made by ``make-qa``."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-    from ..config import LittleBirdConfig
+def prepare_pretraining(data: Path) -> Path:
+    """``data/corpus`` (three books of the Chichewa Bible), ``data/tok`` (a 1000-id tokenizer) and
+    ``data/model_drop.yaml`` / ``model_nodrop.yaml`` (the tiny model, dropout 0.1 and 0)."""
     from ..data.corpus import load_corpus
     from ..data.tokenizer import train_tokenizer
-    from ..model.modeling import LittleBirdForMaskedLM
 
-    if (data / "DONE").exists():
-        return data
-    shutil.rmtree(data, ignore_errors=True)
     (data / "corpus").mkdir(parents=True)
     books = {d.id.rsplit("/", 1)[1]: d.text for d in load_corpus("chichewa-bible")}
     for b in ("06", "07", "08"):
         (data / "corpus" / f"book{b}.txt").write_text(books[b], encoding="utf-8")
     train_tokenizer(data / "corpus", data / "tok", vocab_size=1000)
+    for drop in (True, False):
+        (data / f"model_{_tag(drop)}.yaml").write_text(MODEL_YAML.format(p=0.1 if drop else 0.0))
+    return data
+
+
+def prepare(data: Path) -> Path:
+    """Tiny inputs under ``data`` (made once): :func:`prepare_pretraining`'s, a random BERT
+    teacher, random LittleBird masked-LM models to fine-tune, and QA files made by ``make-qa``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from ..config import LittleBirdConfig
+    from ..model.modeling import LittleBirdForMaskedLM
+
+    if (data / "DONE").exists():
+        return data
+    shutil.rmtree(data, ignore_errors=True)
+    prepare_pretraining(data)
     tok = AutoTokenizer.from_pretrained(data / "tok")
     for drop in (True, False):
         p = 0.1 if drop else 0.0
-        (data / f"model_{_tag(drop)}.yaml").write_text(MODEL_YAML.format(p=p))
         torch.manual_seed(0)
         cfg = LittleBirdConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=64, block_size=16, pack_size=8, hidden_dropout_prob=p,
