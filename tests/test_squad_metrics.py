@@ -93,8 +93,9 @@ def test_v2_no_answer_and_breakdown() -> None:
     out = evaluate_predictions(examples, preds)
     assert out["total"] == 4 and out["missing"] == 0
     assert out["exact_match"] == pytest.approx(50.0)
-    assert out["HasAns"] == {"exact_match": 50.0, "f1": 50.0, "total": 2}
-    assert out["NoAns"] == {"exact_match": 50.0, "f1": 50.0, "total": 2}
+    ci = {"exact_match_ci95": [0.0, 100.0], "f1_ci95": [0.0, 100.0]}  # one right, one wrong: anything
+    assert out["HasAns"] == {"exact_match": 50.0, "f1": 50.0, "total": 2, **ci}
+    assert out["NoAns"] == {"exact_match": 50.0, "f1": 50.0, "total": 2, **ci}
     # Punctuation-only prediction normalises to empty: counts as "no answer".
     assert score_prediction(" . ", []) == (1.0, 1.0)
 
@@ -121,4 +122,24 @@ def test_length_buckets() -> None:
     out = evaluate_predictions(examples, {"1": "x", "2": "y", "3": "x", "4": "x"})
     assert list(out["by_length"]) == ["512", "513-1024", "2048", "<=512 words"]
     assert out["by_length"]["512"]["exact_match"] == 0.0
-    assert out["by_length"]["2048"] == {"exact_match": 100.0, "f1": 100.0, "total": 1}
+    assert out["by_length"]["2048"] == {"exact_match": 100.0, "f1": 100.0, "total": 1,
+                                        "exact_match_ci95": [100.0, 100.0], "f1_ci95": [100.0, 100.0]}
+
+
+def test_every_score_carries_a_95_percent_bootstrap_interval_that_narrows_with_more_questions():
+    import random
+
+    from littlebird_ds.eval.squad_metrics import bootstrap_interval
+
+    rng = random.Random(0)
+    small = [float(rng.random() < 0.3) for _ in range(50)]
+    large = [float(rng.random() < 0.3) for _ in range(800)]
+    for scores in (small, large):
+        lo, hi = bootstrap_interval(scores)
+        assert lo < 100 * sum(scores) / len(scores) < hi
+    width = [bootstrap_interval(x)[1] - bootstrap_interval(x)[0] for x in (small, large)]
+    assert width[1] < width[0] / 2  # about 1/sqrt(n): 4x narrower for 16x the questions
+    # The binomial standard error at p=0.3, n=800 is 1.6 points: the 95% interval is about +-3.2.
+    assert 5.0 < width[1] < 8.0
+    assert bootstrap_interval(small) == bootstrap_interval(small)  # a fixed seed: reproducible files
+    assert bootstrap_interval([]) == [0.0, 0.0] and bootstrap_interval([1.0] * 5) == [100.0, 100.0]

@@ -10,6 +10,9 @@ Unanswerable questions (SQuAD v2: ``is_impossible`` or no gold answers) follow
 exactly when it normalises to the empty string, else 0.
 
 Scores in the dicts returned here are percentages (0-100), as the official scripts print them.
+Every summary also carries a 95% bootstrap interval of its EM and F1 (``exact_match_ci95``,
+``f1_ci95``: percentile bootstrap over questions, 2,000 resamples, fixed seed), so two models
+are told apart only when their intervals separate.
 """
 
 from __future__ import annotations
@@ -105,12 +108,37 @@ def _bucket_of(example: Mapping[str, Any], edges: Sequence[int]) -> str:
     return length_bucket(len(example["context"].split()), edges) + " words"
 
 
-def _summary(em: list[float], f1: list[float]) -> dict[str, float]:
+#: Resamples and seed of the bootstrap intervals (fixed, so a result file is reproducible).
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_interval(scores: Sequence[float], confidence: float = 0.95) -> list[float]:
+    """``[low, high]`` percentile-bootstrap interval of the mean of per-question ``scores`` (in
+    [0, 1]), as percentages; ``[mean, mean]`` for fewer than two questions or equal scores."""
+    import numpy as np
+
+    x = np.asarray(scores, dtype=np.float64)
+    if x.size == 0:
+        return [0.0, 0.0]
+    if x.size < 2 or np.all(x == x[0]):  # no spread to resample (scipy refuses degenerate data)
+        return [100.0 * float(x.mean())] * 2
+    from scipy.stats import bootstrap
+
+    res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
+                    method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED))
+    ci = res.confidence_interval
+    return [round(100.0 * float(ci.low), 3), round(100.0 * float(ci.high), 3)]
+
+
+def _summary(em: list[float], f1: list[float]) -> dict[str, Any]:
     n = len(em)
     return {
         "exact_match": 100.0 * sum(em) / n if n else 0.0,
         "f1": 100.0 * sum(f1) / n if n else 0.0,
         "total": n,
+        "exact_match_ci95": bootstrap_interval(em),
+        "f1_ci95": bootstrap_interval(f1),
     }
 
 
@@ -139,8 +167,9 @@ def evaluate_predictions(
         bucket_edges: token edges of the length buckets for examples without ``target_length``.
 
     Returns:
-        ``{"exact_match", "f1", "total", "missing", "HasAns": {...}, "NoAns": {...},
-        "by_length": {bucket: {"exact_match", "f1", "total"}}}``; scores are percentages.
+        ``{"exact_match", "f1", "total", "exact_match_ci95", "f1_ci95", "missing", "HasAns": {...},
+        "NoAns": {...}, "by_length": {bucket: {"exact_match", "f1", "total", "exact_match_ci95",
+        "f1_ci95"}}}``; scores are percentages, ``*_ci95`` their 95% bootstrap intervals.
         ``HasAns``/``NoAns`` are present only when such questions exist. A question without a
         prediction scores 0 and is counted in ``missing`` (with one warning), as in the
         official v1.1 script.
