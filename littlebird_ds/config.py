@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 ATTENTION_KERNELS = ("auto", "eager", "blocked", "flex")
 HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 FIRST_TOKEN_BIAS = ("constant", "linear")
+BIALIBI_INITS = ("alibi", "directional")
 
 
 class LittleBirdConfig(PretrainedConfig):
@@ -49,6 +50,12 @@ class LittleBirdConfig(PretrainedConfig):
             default and the spec: ``[CLS]`` only). Up to ``block_size``: the question of a QA
             input (in block 0) is then seen from every distance at the same bias instead of
             ``beta * distance`` below it (project option; docs/qa.md, "Question reach").
+        bialibi_init: ``"alibi"`` (default, the spec): ``alpha = beta = gamma`` = the ALiBi
+            slope of each head. ``"directional"``: the same, except that the steepest quarter
+            of the heads starts looking left (``gamma`` raised by 1: keys on the right fade
+            by ``e`` per token) and the next quarter right, so a model without position
+            embeddings can tell the word before from the word after from its first step
+            (project option; docs/qa.md, "Direction-aware slopes").
     """
 
     model_type = "littlebird"
@@ -72,6 +79,7 @@ class LittleBirdConfig(PretrainedConfig):
         attention_kernel: str = "auto",
         bialibi_first_token: str = "constant",
         bialibi_global_keys: int = 1,
+        bialibi_init: str = "alibi",
         **kwargs,
     ):
         # Validate before anything is stored or built (PretrainedConfig.__init__ included).
@@ -93,6 +101,7 @@ class LittleBirdConfig(PretrainedConfig):
             attention_kernel=attention_kernel,
             bialibi_first_token=bialibi_first_token,
             bialibi_global_keys=bialibi_global_keys,
+            bialibi_init=bialibi_init,
         )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -110,6 +119,7 @@ class LittleBirdConfig(PretrainedConfig):
         self.attention_kernel = attention_kernel
         self.bialibi_first_token = bialibi_first_token
         self.bialibi_global_keys = bialibi_global_keys
+        self.bialibi_init = bialibi_init
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
@@ -169,6 +179,11 @@ def _validate(**f) -> None:
         raise ValueError(
             f"LittleBirdConfig.bialibi_first_token must be one of {FIRST_TOKEN_BIAS}, "
             f"got {f['bialibi_first_token']!r}"
+        )
+    if f["bialibi_init"] not in BIALIBI_INITS:
+        raise ValueError(
+            f"LittleBirdConfig.bialibi_init must be one of {BIALIBI_INITS}, got {f['bialibi_init']!r}; "
+            "use 'alibi' (the spec) or 'directional'"
         )
     _check_int("bialibi_global_keys", f["bialibi_global_keys"], 1,
                "use 1 ([CLS] only, the spec) or up to block_size (the whole first block)")

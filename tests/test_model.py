@@ -246,6 +246,7 @@ def test_bad_input_raises_a_clear_value_error(kwargs, match):
         ("vocab_size", 0, "vocab_size"),
         ("bialibi_global_keys", 0, "bialibi_global_keys must be an integer >= 1"),
         ("bialibi_global_keys", 10_000, "bialibi_global_keys .* must be <= block_size"),
+        ("bialibi_init", "random", "bialibi_init must be one of .*use 'alibi'"),
     ],
 )
 def test_invalid_config_values_raise_before_any_module_is_built(field, value, match):
@@ -265,6 +266,36 @@ def test_bialibi_slopes_start_at_alibi_and_stay_non_negative():
     assert (m.slopes()[1] >= 0).all()
     a, b, g = m.slopes(2, 3)  # tensor/sequence-parallel ranks slice by global head id
     torch.testing.assert_close(a, torch.tensor(alibi_slopes(6)[2:5]))
+
+
+def test_directional_init_starts_the_steepest_quarter_looking_left_and_the_next_quarter_right():
+    from littlebird_ds.model.bialibi import ONE_SIDED_EXTRA_SLOPE, BiALiBi, alibi_slopes
+
+    m = torch.tensor(alibi_slopes(8))
+    alpha, beta, gamma = BiALiBi(8, init="directional").slopes()
+    torch.testing.assert_close(alpha, m)  # [CLS] and the global keys keep the ALiBi slope
+    extra = torch.zeros(8)
+    extra[:2] = ONE_SIDED_EXTRA_SLOPE  # heads 0-1, the steepest: keys on the right fade fast
+    torch.testing.assert_close(gamma, m + extra)
+    torch.testing.assert_close(beta, m + extra.roll(2))  # heads 2-3 look right
+    assert (beta[4:] == gamma[4:]).all()  # the rest stay symmetric
+    # One head: it looks left; "alibi" is the spec's symmetric start.
+    a1, b1, g1 = BiALiBi(1, init="directional").slopes()
+    assert g1.item() > b1.item() == a1.item()
+    for t in zip(BiALiBi(8).slopes(), (m, m, m)):
+        torch.testing.assert_close(*t)
+
+
+def test_a_model_with_directional_init_starts_there_and_keeps_the_setting_when_saved(tmp_path):
+    from littlebird_ds.model.bialibi import initial_slopes
+
+    model = lb.LittleBirdForQuestionAnswering(tiny_config(bialibi_init="directional"))
+    want = [s.float() for s in initial_slopes(model.config.num_attention_heads, "directional")]
+    for layer in model.littlebird.layers:
+        for got, w in zip(layer.attention.bialibi.slopes(), want):
+            torch.testing.assert_close(got, w)
+    model.save_pretrained(tmp_path)
+    assert lb.LittleBirdConfig.from_pretrained(tmp_path).bialibi_init == "directional"
 
 
 def test_masked_logits_only_gives_the_same_loss_and_the_selected_logits():

@@ -48,6 +48,34 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
 
 
+#: How much steeper the far side of a one-sided head starts (``init="directional"``): keys on
+#: that side fade by a factor ``e`` per token, so the head reads its own side.
+ONE_SIDED_EXTRA_SLOPE = 1.0
+
+
+def initial_slopes(num_heads: int, init: str = "alibi") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Initial ``(alpha, beta, gamma)`` per head, fp64.
+
+    ``"alibi"`` (the spec): all three are the ALiBi slope ``m_h``. ``"directional"``: the same,
+    except that the steepest ``ceil(H/4)`` heads look left (``gamma = m_h + 1``) and the next
+    ``ceil(H/4)`` look right (``beta = m_h + 1``); the other heads stay symmetric (and keep
+    the packed keys near, whose distance is ``(beta + gamma) / 2 * b``). With equal slopes on
+    both sides a model without position embeddings cannot tell its left neighbour from its
+    right one until the slopes part, which they do slowly (docs/qa.md).
+    """
+    m = torch.tensor(alibi_slopes(num_heads), dtype=torch.float64)
+    alpha, beta, gamma = m.clone(), m.clone(), m.clone()
+    if init == "directional":
+        q = max(1, -(-num_heads // 4))
+        order = torch.argsort(m, descending=True)  # steepest (most local) heads first
+        left, right = order[:q], order[q:2 * q]
+        gamma[left] += ONE_SIDED_EXTRA_SLOPE
+        beta[right] += ONE_SIDED_EXTRA_SLOPE
+    elif init != "alibi":
+        raise ValueError(f"unknown BiALiBi init {init!r}; use 'alibi' or 'directional'")
+    return alpha, beta, gamma
+
+
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     # softplus(y) = x  <=>  y = log(expm1(x)); exact for the small positive slopes used here.
     return torch.log(torch.expm1(x))
@@ -56,23 +84,25 @@ def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
 class BiALiBi(nn.Module):
     """Per-head non-negative slopes ``alpha, beta, gamma`` (fp32), indexed by global head id."""
 
-    def __init__(self, num_heads: int, first_token: str = "constant"):
+    def __init__(self, num_heads: int, first_token: str = "constant", init: str = "alibi"):
         super().__init__()
         self.num_heads = num_heads
         self.first_token = first_token
+        self.init = init
         self.alpha_raw = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
         self.beta_raw = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
         self.gamma_raw = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
         self.reset_parameters()
 
-    def initial_raw(self) -> torch.Tensor:
-        """Raw values whose softplus is the ALiBi slope of each head (spec decision)."""
-        return _inverse_softplus(torch.tensor(alibi_slopes(self.num_heads), dtype=torch.float64)).float()
+    def initial_raw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw ``(alpha, beta, gamma)`` whose softplus are the initial slopes: the ALiBi slope
+        of each head (spec decision), or with ``init="directional"`` heads that start
+        one-sided (:func:`initial_slopes`)."""
+        return tuple(_inverse_softplus(s).float() for s in initial_slopes(self.num_heads, self.init))  # type: ignore[return-value]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        raw = self.initial_raw()
-        for p in (self.alpha_raw, self.beta_raw, self.gamma_raw):
+        for p, raw in zip((self.alpha_raw, self.beta_raw, self.gamma_raw), self.initial_raw()):
             p.copy_(raw)
 
     def slopes(self, head_start: int = 0, num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +119,7 @@ class BiALiBi(nn.Module):
         return p
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, first_token={self.first_token}"
+        return f"num_heads={self.num_heads}, first_token={self.first_token}, init={self.init}"
 
 
 def bialibi_distance(

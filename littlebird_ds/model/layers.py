@@ -126,7 +126,8 @@ class UnpackSlidingWindowAttention(nn.Module):
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
         self.output = nn.Linear(d, d)
-        self.bialibi = BiALiBi(config.num_attention_heads, config.bialibi_first_token)
+        self.bialibi = BiALiBi(config.num_attention_heads, config.bialibi_first_token,
+                               config.bialibi_init)
         self.head_start = 0  # global id of this rank's first head (tensor parallelism sets it)
         self.core_attention = self._local_attention
 

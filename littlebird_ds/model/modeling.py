@@ -104,8 +104,7 @@ class LittleBirdPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, BiALiBi):
-            raw = module.initial_raw()
-            for p in (module.alpha_raw, module.beta_raw, module.gamma_raw):
+            for p, raw in zip((module.alpha_raw, module.beta_raw, module.gamma_raw), module.initial_raw()):
                 init.copy_(p, raw)
         elif isinstance(module, LittleBirdModel) and module.packed_init is not None:
             init.normal_(module.packed_init, mean=0.0, std=self.config.initializer_range)

@@ -221,7 +221,7 @@ class TensorParallelBiALiBi(_GroupMixin, BiALiBi):
 
     def __init__(self, source: BiALiBi, group):
         nn.Module.__init__(self)
-        self.num_heads, self.first_token, self.group = source.num_heads, source.first_token, group
+        self.num_heads, self.first_token, self.init, self.group = source.num_heads, source.first_token, source.init, group
         self.alpha_raw, self.beta_raw, self.gamma_raw = source.alpha_raw, source.beta_raw, source.gamma_raw
 
     def read_raw(self, p: torch.Tensor) -> torch.Tensor:
