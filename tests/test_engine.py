@@ -370,6 +370,24 @@ def test_shipped_ds_configs_resolve():
         assert raw["zero_optimization"]["stage"] == (3 if "offload" in name else int(name[4]))
 
 
+def test_global_batch_size_sets_the_accumulation_for_any_number_of_ranks():
+    from littlebird_ds.train.engine import resolve_ds_config
+
+    def split(dp, **kw):
+        cfg = resolve_ds_config(_args(global_batch_size=16, **kw), dp_size=dp)
+        assert cfg["train_batch_size"] == 16
+        return cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+
+    assert split(1, batch_size=4) == (4, 4) and split(2, batch_size=4) == (4, 2) and split(4, batch_size=4) == (4, 1)
+    assert split(1) == (16, 1) and split(2) == (8, 1)  # without --batch-size: one micro-batch per rank
+    assert split(2, batch_size=4, grad_accum=2) == (4, 2)  # consistent flags are fine
+    for dp, kw, match in [(3, {}, "does not split over 3 data-parallel ranks"),
+                          (1, {"batch_size": 6}, "not a whole number of micro-batches of 6"),
+                          (2, {"batch_size": 4, "grad_accum": 1}, "--grad-accum 1 contradicts --global-batch-size 16")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_ds_config(_args(global_batch_size=16, **kw), dp_size=dp)
+
+
 def test_missing_ds_config_error(tmp_path):
     from littlebird_ds.train.engine import resolve_ds_config
 

@@ -137,7 +137,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="micro-batch size per data-parallel rank (fills 'auto' in the ds_config; default 8)")
     g.add_argument("--grad-accum", type=int, default=None,
                    help="gradient accumulation steps (fills 'auto' in the ds_config; default 1)")
+    g.add_argument("--global-batch-size", type=int, default=None, metavar="G",
+                   help="examples per optimizer step over all data-parallel ranks (Megatron style): "
+                        "--grad-accum becomes G / (--batch-size x data-parallel size), which must be a whole number; "
+                        "without --batch-size the micro-batch is G / data-parallel size. The same G and --batch-size "
+                        "give the same training on any number of ranks and nodes"),
     g.add_argument("--log-every", type=int, default=10, help="log every N steps")
+    g.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the initial model of a fresh run as step 0 of metrics.jsonl, the baseline the "
+                        "run's evaluations compare with (default on)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the last K checkpoints")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
@@ -174,7 +182,7 @@ def normalize_training_args(args):
     if int(getattr(args, "max_steps", 1)) < 1:
         raise ValueError(f"--max-steps {args.max_steps} must be >= 1: a training run that trains no step "
                          "writes no model")
-    for name in ("batch_size", "grad_accum"):
+    for name in ("batch_size", "grad_accum", "global_batch_size"):
         value = getattr(args, name, None)
         if value is not None and int(value) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
@@ -359,6 +367,24 @@ def _fill(cfg: dict, key: str, cli_value: int | None, default: int, flag: str, s
     return value
 
 
+def _split_global_batch(global_batch: int, micro: int | None, accum: int | None, dp_size: int) -> tuple[int, int]:
+    """``(micro-batch, accumulation)`` for ``--global-batch-size``: ``G = micro x accum x dp``."""
+    if global_batch % dp_size:
+        raise ValueError(f"--global-batch-size {global_batch} does not split over {dp_size} data-parallel ranks; "
+                         f"pass a multiple of {dp_size}")
+    per_rank = global_batch // dp_size
+    if micro is None:
+        micro = max(1, per_rank // (accum or 1))
+    if per_rank % micro:
+        raise ValueError(f"--global-batch-size {global_batch} is {per_rank} examples per data-parallel rank "
+                         f"({dp_size} rank(s)), not a whole number of micro-batches of {micro}; pass a --batch-size "
+                         f"that divides {per_rank}")
+    if accum is not None and accum != per_rank // micro:
+        raise ValueError(f"--grad-accum {accum} contradicts --global-batch-size {global_batch} = --batch-size {micro} x "
+                         f"{per_rank // micro} accumulation steps x {dp_size} rank(s); drop --grad-accum")
+    return micro, per_rank // micro
+
+
 def offloads_optimizer(cfg: Mapping) -> bool:
     dev = (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     return dev not in (None, "none")
@@ -371,8 +397,12 @@ def resolve_ds_config(args, dp_size: int, source: str = "built-in default") -> d
     settings (ZeRO stage, offload, clipping) come from accelerate's environment.
     """
     cfg, source = _base_ds_config(args, source)
-    micro = _fill(cfg, "train_micro_batch_size_per_gpu", getattr(args, "batch_size", None), 8, "--batch-size", source)
-    accum = _fill(cfg, "gradient_accumulation_steps", getattr(args, "grad_accum", None), 1, "--grad-accum", source)
+    global_batch = getattr(args, "global_batch_size", None)
+    micro_flag, accum_flag = getattr(args, "batch_size", None), getattr(args, "grad_accum", None)
+    if global_batch is not None:
+        micro_flag, accum_flag = _split_global_batch(int(global_batch), micro_flag, accum_flag, dp_size)
+    micro = _fill(cfg, "train_micro_batch_size_per_gpu", micro_flag, 8, "--batch-size", source)
+    accum = _fill(cfg, "gradient_accumulation_steps", accum_flag, 1, "--grad-accum", source)
     total = micro * accum * dp_size
     if cfg.get("train_batch_size", "auto") not in ("auto", total):
         raise ValueError(
@@ -673,6 +703,9 @@ class Trainer:
         self.ds_config = resolve_ds_config(a, self.dp_size, source)
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        bind = getattr(self.batches, "bind", None)
+        if bind is not None:  # batch iterators that map micro-batches to optimizer steps
+            bind(micro_batch=self.micro_batch, grad_accum=self.grad_accum)
         groups = param_groups(model, a.weight_decay, bialibi_lr_scale=getattr(a, "bialibi_lr_scale", 1.0), lr=a.lr)
         schedule = lr_lambda(a.warmup_steps, a.max_steps, a.lr_decay, a.min_lr_ratio)
 
@@ -803,6 +836,8 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink()  # a fresh run: do not append to an old log
 
         logger = _Logger(self.out, self.rank, resumed_at=step)
+        if step == 0 and self.eval_fn is not None and getattr(a, "eval_at_start", True):
+            self._evaluate(0, logger)  # the initial model: the baseline of every later evaluation
         it = self._batch_factory()(step * self.grad_accum, self.dp_rank, self.dp_size)
         result = TrainResult(step=step, checkpoint_dir=ckpt.root)
         bar = _progress(self.rank, a.max_steps, step)

@@ -22,7 +22,8 @@ so every evaluation of every run with the same data and seed sees the same masks
 reports the mean cross-entropy over masked tokens (``eval_loss``) and the share of masked
 tokens predicted exactly (``eval_accuracy``), logged by the engine to ``metrics.jsonl`` and
 TensorBoard every ``--eval-every`` steps and at the end. A fresh run (not ``--resume``) also
-evaluates the initial model and writes that as the step-0 record of ``metrics.jsonl``.
+evaluates the initial model as the step-0 record of ``metrics.jsonl`` (the engine's
+``--eval-at-start``, on by default for every training command).
 
 **Recurring span selection** (``--rss-weight W``, LittleBird only; Ram et al. 2021, the
 original LittleBird work's objective): before masking, every occurrence but one of up to
@@ -41,7 +42,6 @@ already returns the SBO fields.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -91,8 +91,6 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     d.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split by document")
     d.add_argument("--eval-examples", type=int, default=256,
                    help="at most this many validation windows, evenly chosen (default 256)")
-    d.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate the initial model of a fresh run as step 0 (default on)")
     d.add_argument("--mask-rate", type=float, default=0.15, help="share of tokens in masked spans")
     d.add_argument("--padding-insertion", type=float, default=0.0, metavar="P",
                    help="LittleBird only: probability per example of Padding Insertion (default 0: off)")
@@ -515,35 +513,12 @@ def run_pretraining(args, setup: PretrainSetup | None = None):
     from .engine import Trainer
 
     setup = setup or prepare_pretraining(args)
-    out = Path(args.out)
     eval_batches = setup.eval_batches
     eval_fn = (lambda model, step: evaluate_mlm(model, eval_batches)) if eval_batches else None
-    state = {"first": True}
 
     def loss_fn(model, batch):
-        if state["first"]:
-            state["first"] = False
-            if eval_fn is not None and args.eval_at_start and int(getattr(model, "global_steps", 0)) == 0:
-                _log_initial_eval(model, eval_fn, out)
         return mlm_loss_fn(model, batch, rss_weight=setup.rss_weight)
 
     trainer = Trainer(args, model_factory=setup.model_factory, loss_fn=loss_fn, train_dataset=setup.train_dataset,
                       collate_fn=setup.collate_fn, eval_fn=eval_fn, tokenizer=setup.tokenizer)
     return trainer.fit()
-
-
-def _log_initial_eval(model, eval_fn: Callable, out: Path) -> None:
-    """Evaluate the initial model (every rank, as ZeRO-3 needs) and append it to
-    ``metrics.jsonl`` as step 0. Runs before the engine writes its first record, and the
-    engine's log is opened in append mode, so the record lands first in the file."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        metrics = eval_fn(model, 0)
-    model.train(was_training)
-    if is_main_process():
-        record = {"step": 0, **{f"eval_{k}": float(v) for k, v in metrics.items()}}
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"pretrain: initial validation masked-token loss {metrics['loss']:.4f}, "
-              f"accuracy {metrics['accuracy']:.4f}", file=sys.stderr, flush=True)
