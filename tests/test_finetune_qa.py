@@ -276,6 +276,41 @@ def test_bialibi_global_keys_overrides_a_pretrained_config_and_keeps_its_weights
     assert not (tmp_path / "out").exists()
 
 
+def test_the_question_is_global_by_default_and_the_papers_formula_stays_available(model_dir, tok, tmp_path):
+    from littlebird_ds import LittleBirdConfig
+    from littlebird_ds.train.finetune_qa import build_qa_model_factory
+
+    # A model that does not set it (1, the default), and a preset: the whole of block 0.
+    assert build_qa_model_factory(str(model_dir), None, tok)[1].bialibi_global_keys == BLOCK
+    assert build_qa_model_factory(None, "tiny", tok)[1].bialibi_global_keys == 32  # the tiny preset's block
+    # The paper's exact formula ([CLS] only), asked for by flag.
+    assert build_qa_model_factory(str(model_dir), None, tok, global_keys=1)[1].bialibi_global_keys == 1
+    # A model that sets its own value keeps it.
+    config = LittleBirdConfig.from_pretrained(model_dir)
+    own = tmp_path / "own"
+    own.mkdir()
+    LittleBirdConfig.from_dict({**config.to_dict(), "bialibi_global_keys": 3}).save_pretrained(own)
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            (own / f.name).write_bytes(f.read_bytes())
+    assert build_qa_model_factory(str(own), None, tok)[1].bialibi_global_keys == 3
+
+
+def test_dropout_flag_sets_both_dropouts_of_a_pretrained_or_preset_model(model_dir, tok):
+    from littlebird_ds.train.finetune_qa import build_qa_model_factory
+
+    from littlebird_ds import LittleBirdConfig
+
+    for src in ((str(model_dir), None), (None, "tiny")):
+        factory, config = build_qa_model_factory(*src, tok, dropout=0.3)
+        assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.3
+        assert factory().config.attention_probs_dropout_prob == 0.3
+    own = LittleBirdConfig.from_pretrained(model_dir).hidden_dropout_prob
+    assert build_qa_model_factory(str(model_dir), None, tok)[1].hidden_dropout_prob == own != 0.3  # the model's own
+    with pytest.raises(ValueError, match="--dropout 1.5 must be in"):
+        build_qa_model_factory(str(model_dir), None, tok, dropout=1.5)
+
+
 def test_pi_start_fraction_outside_0_1_is_a_clear_error_before_anything_is_written(tmp_path):
     from littlebird_ds.train.finetune_qa import finetune_qa
 

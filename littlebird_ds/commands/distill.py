@@ -22,6 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the teacher's); must equal the teacher's")
     g.add_argument("--block-size", type=int, default=64, help="student block size (default 64)")
     g.add_argument("--pack-size", type=int, default=64, help="student packed length (default 64)")
+    g.add_argument("--bialibi-global-keys", type=int, default=1, metavar="N",
+                   help="student's bialibi_global_keys: the first N keys at BiALiBi's constant first-token distance "
+                        "(default 1, [CLS] only, the spec; the block size puts a QA question in block 0 at that "
+                        "distance from every query, as the pipeline does)")
+    g.add_argument("--bialibi-init", default="alibi", choices=("alibi", "directional"),
+                   help="student's initial BiALiBi slopes (default alibi, the spec; directional: a quarter of the "
+                        "heads start looking left and a quarter right)")
     g.add_argument("--dropout", type=float, default=None,
                    help="student hidden and attention dropout (default: the teacher's). 0 lets the student fit the "
                         "frozen teacher's eval-mode states without dropout noise")

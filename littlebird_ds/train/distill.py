@@ -352,6 +352,8 @@ def run_distillation(args):
     if dropout is not None and not 0 <= dropout < 1:
         raise ValueError(f"--dropout {dropout} must be in [0, 1)")
     overrides = {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    overrides.update(bialibi_global_keys=int(getattr(args, "bialibi_global_keys", 1)),
+                     bialibi_init=getattr(args, "bialibi_init", "alibi"))
     student_cfg = student_config_from_teacher(teacher.config, block_size=args.block_size, pack_size=args.pack_size,
                                               **overrides)
     if len(tokenizer) > student_cfg.vocab_size:

@@ -242,6 +242,11 @@ class QABatches:
     pi_start_step: int = 0
     """Optimizer steps before this one get no Padding Insertion (a warm-up on plain short contexts)."""
 
+    def bind(self, *, micro_batch: int, grad_accum: int) -> None:
+        """The engine's final micro-batch and accumulation (from flags, ``--global-batch-size``
+        or the DeepSpeed config), which place every micro-batch in its optimizer step."""
+        self.batch_size, self.grad_accum = int(micro_batch), int(grad_accum)
+
     def pi_target(self, stage_length: int) -> int:
         """The longest Padding Insertion target at a stage of ``stage_length`` tokens."""
         target = self.pi_max_length or self.pi_factor * stage_length
@@ -287,11 +292,17 @@ def qa_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
 # Model
 # ---------------------------------------------------------------------------------------------
 def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer: Any, random_init: bool = False,
-                           global_keys: int | None = None):
+                           global_keys: int | None = None, dropout: float | None = None):
     """``(factory, config)``: a factory building the QA model from ``model_dir`` (pretrained
     weights; a missing QA head is initialised; with ``random_init`` only its architecture, with
     fresh weights) or from a preset (random init). ``global_keys`` sets the config's
-    ``bialibi_global_keys`` (no weights depend on it; ``None`` keeps the model's own)."""
+    ``bialibi_global_keys`` (no weights depend on it). ``None`` applies the spec's decision "the
+    question is global": the block size (the whole of block 0, where the question sits) for a
+    model that does not set it (``1``, the default) or a preset, else the model's own value.
+    ``dropout`` (``None``: the model's own) sets the hidden and attention dropout."""
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"--dropout {dropout} must be in [0, 1)")
+    drop = {} if dropout is None else {"hidden_dropout_prob": float(dropout), "attention_probs_dropout_prob": float(dropout)}
     import littlebird_ds  # noqa: F401 - registers the Auto* classes
     from littlebird_ds import LittleBirdConfig, LittleBirdForQuestionAnswering
 
@@ -304,8 +315,11 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
                 f"the tokenizer has {vocab} tokens but the model at {model_dir} only {config.vocab_size}; "
                 "pass the tokenizer the model was trained with (--tokenizer)"
             )
-        if global_keys is not None:  # through the constructor, so the value is validated
-            config = LittleBirdConfig.from_dict({**config.to_dict(), "bialibi_global_keys": global_keys})
+        if global_keys is None and int(config.bialibi_global_keys) == 1:
+            global_keys = int(config.block_size)
+        if global_keys is not None or drop:  # through the constructor, so the values are validated
+            extra = {} if global_keys is None else {"bialibi_global_keys": global_keys}
+            config = LittleBirdConfig.from_dict({**config.to_dict(), **extra, **drop})
         if random_init:
             return (lambda: LittleBirdForQuestionAnswering(config)), config
 
@@ -319,13 +333,15 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
         from littlebird_ds.train.presets import build_config
     except ImportError:  # the presets module is optional; the tiny preset is known here too
         build_config = None
-    extra = {} if global_keys is None else {"bialibi_global_keys": global_keys}
+    extra = {**({} if global_keys is None else {"bialibi_global_keys": global_keys}), **drop}
     if build_config is not None:
         config = build_config("littlebird", preset, vocab, pad, **extra)
     elif preset in PRESETS:
         config = LittleBirdConfig(vocab_size=vocab, pad_token_id=pad, **PRESETS[preset], **extra)
     else:
         raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or pass --model DIR")
+    if global_keys is None and int(config.bialibi_global_keys) == 1:  # the question is global
+        config = LittleBirdConfig.from_dict({**config.to_dict(), "bialibi_global_keys": int(config.block_size)})
     return (lambda: LittleBirdForQuestionAnswering(config)), config
 
 
@@ -365,7 +381,7 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
             raise FileNotFoundError(f"{flag} {path} does not exist; pass a SQuAD-format JSON or JSONL file")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, use_fast=True)
     factory, config = build_qa_model_factory(args.model, args.preset, tokenizer, args.random_init,
-                                             getattr(args, "bialibi_global_keys", None))
+                                             getattr(args, "bialibi_global_keys", None), getattr(args, "dropout", None))
     block = int(config.block_size)
     pi = 0.0 if args.no_padding_insertion else float(args.padding_insertion)
     stages_spec = parse_curriculum(args.curriculum, args.max_length)
@@ -440,7 +456,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--bialibi-global-keys", type=int, default=None, metavar="N",
                    help="put the first N keys (up to the block size: the question in block 0) at BiALiBi's constant "
                         "first-token distance from every query, instead of a bias growing with distance (default: "
-                        "the model's own setting; 1, [CLS] only, is the spec). Saved in the model's config")
+                        "the block size, the question is global, unless the model sets a larger value than 1; 1 is "
+                        "the paper's exact formula, [CLS] only). Saved in the model's config")
+    g.add_argument("--dropout", type=float, default=None, metavar="P",
+                   help="hidden and attention dropout while fine-tuning (default: the model's own; saved in its config)")
     g.add_argument("--train", required=True, metavar="FILE", help="SQuAD-format training file (JSON or JSONL)")
     g.add_argument("--validation", metavar="FILE[,FILE...]", default=None,
                    help="validation file(s); several (e.g. one per context length) are scored separately")
