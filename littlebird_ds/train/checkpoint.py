@@ -5,7 +5,7 @@ Layout under a checkpoint root (``OUT/checkpoints``)::
     latest                    # text file: the tag of the last complete checkpoint
     step_00000010/            # one complete checkpoint (a DeepSpeed tag directory)
         mp_rank_00_model_states.pt, *_optim_states.pt   # written by DeepSpeed
-        rng_rank_00000.pt     # python/numpy/torch RNG of each global rank
+        rng_rank_00000.safetensors  # python/numpy/torch RNG of each global rank (no pickle)
         littlebird_checkpoint.json   # step, TP/SP sizes, ZeRO stage, model class
         config.json           # the model's LittleBirdConfig
         tokenizer/            # the tokenizer, when the run has one
@@ -56,6 +56,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write an :func:`rng_state` as safetensors (tensors) plus JSON metadata (the python
+    state's ints, numpy's scalars): nothing in it is a pickle, so reading it runs no code."""
+    from safetensors.torch import save_file
+
+    version, words, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {"torch": state["torch"].contiguous(),
+               "python_words": torch.tensor(words, dtype=torch.int64),
+               "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    for i, t in enumerate(state.get("cuda", [])):
+        tensors[f"cuda_{i}"] = t.contiguous()
+    meta = {"python": json.dumps([version, gauss]), "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_rng_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The state :func:`save_rng_state` wrote (``ValueError`` naming the file when it is not one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        version, gauss = json.loads(meta["python"])
+        name, pos, has_gauss, cached = json.loads(meta["numpy"])
+    except Exception as e:  # noqa: BLE001 - safetensors, json and key errors all mean "not an RNG file"
+        raise ValueError(f"{path} is not a littlebird-ds RNG state file ({e}); resume from another checkpoint "
+                         "or delete that checkpoint") from e
+    state = {"python": (version, tuple(int(x) for x in tensors["python_words"].tolist()), gauss),
+             "numpy": (name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
+             "torch": tensors["torch"]}
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
+    if cuda:
+        state["cuda"] = cuda
+    return state
 
 
 def read_latest(root: str | os.PathLike) -> str | None:
@@ -134,7 +172,7 @@ class CheckpointManager:
         # save_latest=False: ``latest`` is ours to write, after the rename.
         engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
         tmp = self.root / tmp_tag
-        torch.save(rng_state(), tmp / f"rng_rank_{self.rank:05d}.pt")
+        save_rng_state(rng_state(), tmp / f"rng_rank_{self.rank:05d}.safetensors")
         self._barrier()  # every rank's shards are on disk
         if self.rank == 0:
             if write_extra is not None:
@@ -176,11 +214,13 @@ class CheckpointManager:
                                                     load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}; see the messages above")
-        rng_file = self.root / tag / f"rng_rank_{self.rank:05d}.pt"
+        rng_file = self.root / tag / f"rng_rank_{self.rank:05d}.safetensors"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_rng_state(rng_file))
         else:
-            # A different world size: no saved stream for this rank. Reseed deterministically.
+            # A different world size (no saved stream for this rank), or a checkpoint of an older
+            # version whose RNG file is a pickle, which is never read. The engine seeds every
+            # micro-batch from (seed, index) anyway; reseed deterministically.
             seed = int(client_state.get("seed", 0)) + 1000003 * int(client_state.get("step", 0)) + self.rank
             random.seed(seed)
             np.random.seed(seed % 2**32)

@@ -39,7 +39,14 @@ def _gather_one(root: Path, tag: str) -> dict[str, torch.Tensor]:
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    return {k: v.float() for k, v in torch.load(files[0], map_location="cpu", weights_only=False)["module"].items()}
+    import pickle
+
+    try:  # weights only: a crafted file cannot run code here
+        states = torch.load(files[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{files[0]} holds more than tensors and plain values, so it is not read (loading it would "
+                         f"unpickle arbitrary objects); export a checkpoint written by littlebird-ds/DeepSpeed ({e})") from e
+    return {k: v.float() for k, v in states["module"].items()}
 
 
 def gather_state_dicts(root: Path, tag: str, tp_size: int) -> list[dict[str, torch.Tensor]]:
