@@ -57,7 +57,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 #: Errors that mean "the input is wrong": one line on stderr and exit code 2, no traceback
 #: (``--debug`` anywhere in the arguments, or ``LITTLEBIRD_DEBUG=1``, shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+#: ``FloatingPointError``: a training run that diverged (the engine's ``TrainingDiverged``).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               FloatingPointError)
 
 
 def take_launcher_arguments(argv: list[str]) -> list[str]:

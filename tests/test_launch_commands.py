@@ -180,6 +180,20 @@ def test_pretrain_that_would_train_nothing_or_is_ambiguous_exits_2_and_writes_no
     assert not out.exists()
 
 
+def test_a_diverged_run_stops_with_one_line_keeps_the_last_good_checkpoint_and_writes_no_model(data, tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in _pretrain_args(data, out) if a not in ("--lr", "2e-3")]
+    p = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", *args, "--lr", "1e10", "--batch-size", "2",
+                        "--save-every", "1"], env=launch_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-3000:])
+    err = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(err) == 1 and "training diverged: the loss is nan at step 2" in err[0] and "Traceback" not in p.stderr
+    assert "step_00000001" in err[0] and "lower --lr" in err[0]
+    assert not (out / "final").exists()
+    assert sorted(d.name for d in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
+
+
 def test_megatron_style_deepspeed_flags_name_the_same_config():
     import argparse
 

@@ -870,6 +870,14 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 loss_val = float(vals[0]) / (self.grad_accum * self.dp_size)
                 result.losses[step] = loss_val
+                if not math.isfinite(loss_val):  # the same value on every rank: all stop together
+                    logger.log({"step": step, "loss": loss_val, "lr": lr})
+                    logger.close()
+                    raise TrainingDiverged(
+                        f"training diverged: the loss is {loss_val} at step {step} (lr {lr:g}); no final model is "
+                        f"written, the last good checkpoint is {ckpt.latest() or 'none (no checkpoint saved yet)'} "
+                        f"under {ckpt.root}; lower --lr or add --warmup-steps, then rerun (with --resume to "
+                        "continue from that checkpoint)")
                 if step % max(1, a.log_every) == 0 or step == a.max_steps:
                     record = {"step": step, "loss": loss_val, "lr": lr,
                               "tokens_per_s": float(vals[1]) / max(dt, 1e-9)}
@@ -905,6 +913,10 @@ class Trainer:
             metrics = self.eval_fn(self.engine, step) or {}
         self.engine.train()
         logger.log({"step": step, **{f"eval_{k}": float(v) for k, v in metrics.items()}})
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops before saving anything more."""
 
 
 def seed_everything(seed: int) -> None:
