@@ -8,22 +8,31 @@ Stages (each in its own folder under ``OUT``, each skipped when already finished
     distill     LittleBird student initialised from the teacher and distilled from it
     further     further span-masking pretraining of the student on long inputs, Padding Insertion
     qa-data     cloze QA made from the corpus, test sets at several context lengths
-    qa          QA fine-tuning of the pretrained student (Padding Insertion), of the same
-                student without Padding Insertion, and of a randomly initialised LittleBird of
-                the student's architecture
-    evaluate    EM/F1 of the three QA models at every test length
+    qa          QA fine-tuning of the pretrained student with Padding Insertion (the product);
+                with ``--ablations`` also of the same student without Padding Insertion and of
+                a randomly initialised LittleBird of the student's architecture, each with the
+                same data, steps and settings
+    evaluate    EM/F1 (with 95% bootstrap intervals) of every QA model at every test length
     report      OUT/report.md + report.json + PNG plots
+
+On several nodes (``--launcher`` with a multi-node launcher, ``OUT`` on storage every node
+shares, as multi-node checkpoints need anyway), the same command runs on every node with its
+``NODE_RANK`` (or ``--node-rank``): node 0 runs every stage; the others join each training
+stage's launch and otherwise wait for node 0's ``DONE.json`` of each stage, so the nodes move
+through the stages together (tested with ``launch/deepspeed_multinode.sh`` on two simulated
+nodes: the report equals one process's with the same micro-batch).
 
 Every stage runs as a child process of the ``littlebird-ds`` console script (the training
 engine owns its process group and exits the process when done), with its output in
-``OUT/<stage>/log.txt``; a stage is finished when ``OUT/<stage>/DONE.json`` exists, which is
-written atomically last. A failed or interrupted stage leaves no ``DONE.json``: rerunning the
+``OUT/<stage>/log.txt`` (other nodes: ``log.node<R>.txt``); a stage is finished when
+``OUT/<stage>/DONE.json`` exists, which is written atomically last. A failed or interrupted stage leaves no ``DONE.json``: rerunning the
 pipeline resumes there, and a training stage continues from its last checkpoint (saved every
 ``max(50, steps / 4)`` steps), not from step 0.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -36,23 +45,30 @@ from typing import Callable
 
 from .utils.io import atomic_write_json
 
-#: Sizes, lengths and step counts per preset. ``tiny`` finishes in under 20 minutes on 2 CPU cores (19.5 measured).
+#: Stages that train through ``--launcher`` (every node takes part in them).
+TRAINING_STAGES = ("teacher", "distill", "further", "qa")
+
+#: Sizes, lengths and step counts per preset. ``tiny`` finishes in under 20 minutes on 2 CPU cores (15.0
+#: measured, one QA model; README "Measured so far").
 PRESETS: dict[str, dict] = {
     "tiny": dict(
-        vocab_size=4000, teacher_steps=200, teacher_length=128, distill_steps=100, distill_length=128,
-        further_steps=60, further_length=512, qa_steps=200, qa_length=512, qa_curriculum="128:0.6,256:0.25,512:0.15", qa_pi_factor=4, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
-        eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=1e-3, questions_per_document="400,24,24",
+        vocab_size=4000, teacher_steps=300, teacher_length=128, distill_steps=100, distill_length=128,
+        further_steps=20, further_length=512, qa_steps=2000, qa_length=512, qa_curriculum="128:0.9,256:0.1", qa_pi_factor=4, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.7,
+        bialibi_init="alibi", micro_batch_size=0, qa_dropout=0.1, distill_lr=3e-4, distill_dropout=0.0,
+        eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=1e-3, questions_per_document="400,24,100",
         validation_fraction=0.05,
     ),
     "small": dict(
         vocab_size=8000, teacher_steps=3000, teacher_length=256, distill_steps=2000, distill_length=256,
         further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2", qa_pi_factor=8, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
+        bialibi_init="alibi", micro_batch_size=0, qa_dropout=0.1, distill_lr=3e-4, distill_dropout=0.0,
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=5e-4, questions_per_document="256,64,64",
         validation_fraction=0.05,
     ),
     "base": dict(
         vocab_size=32000, teacher_steps=100000, teacher_length=512, distill_steps=50000, distill_length=512,
         further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="", qa_pi_factor=8, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
+        bialibi_init="alibi", micro_batch_size=0, qa_dropout=0.1, distill_lr=1e-4, distill_dropout=0.0,
         eval_lengths=(512, 2048, 4096, 8192, 16384), batch_size=32, lr=1e-4, questions_per_document="256,100,100",
         validation_fraction=0.02,
     ),
@@ -69,6 +85,9 @@ class PipelineOptions:
     seed: int = 0
     launcher: str = ""  # e.g. "torchrun --nproc_per_node 2": prefix for the training stages
     deepspeed: str | None = None
+    ablations: bool = False  # also train and evaluate the no-PI and random-init comparisons
+    node_rank: int = 0  # on multi-node launches: this node's rank (0 runs the non-training stages)
+    node_wait_timeout: float = 24 * 3600.0  # seconds a node > 0 waits for node 0 to finish a stage
     overrides: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
@@ -84,7 +103,9 @@ def launcher_prefix(launcher: str) -> list[str]:
     words = shlex.split(launcher)
     if not words:
         raise ValueError("--launcher is empty; pass e.g. 'torchrun --nproc_per_node 2'")
-    module_flag = "--module" if Path(words[0]).name == "deepspeed" else "-m"
+    deepspeed = Path(words[0]).name in ("deepspeed", "deepspeed_multinode.sh") or (
+        len(words) > 1 and Path(words[1]).name == "deepspeed_multinode.sh")  # "bash launch/deepspeed_multinode.sh"
+    module_flag = "--module" if deepspeed else "-m"
     return words + [module_flag, "littlebird_ds.cli"]
 
 
@@ -106,7 +127,15 @@ class Pipeline:
         return self.out / stage
 
     def done(self, stage: str) -> bool:
-        return (self.dir(stage) / "DONE.json").exists()
+        """Finished before: ``DONE.json`` exists and, for the QA stages, names every QA run this
+        invocation asks for (a rerun with ``--ablations`` adds the comparisons to a finished
+        default run). The report is always rewritten: it is cheap and reads every stage."""
+        path = self.dir(stage) / "DONE.json"
+        if stage == "report" or not path.exists():
+            return False
+        if stage in ("qa", "evaluate"):
+            return set(self.qa_runs()) <= set(json.loads(path.read_text()))
+        return True
 
     def _run(self, stage: str, argv: list[str], *, train: bool = False, log_name: str = "log.txt") -> None:
         d = self.dir(stage)
@@ -114,6 +143,9 @@ class Pipeline:
         prefix = launcher_prefix(self.o.launcher) if (train and self.o.launcher) else self.cli
         if train and self.o.deepspeed:
             argv = argv + ["--deepspeed", self.o.deepspeed]
+        if self.o.node_rank:  # another node's copy of the same launch: its own log file
+            stem, dot, ext = log_name.rpartition(".")
+            log_name = f"{stem}.node{self.o.node_rank}.{ext}" if dot else f"{log_name}.node{self.o.node_rank}"
         cmd = prefix + argv
         with open(d / log_name, "a") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
@@ -126,6 +158,21 @@ class Pipeline:
                 + "\nfix the cause and rerun the same command: finished stages are kept"
             )
 
+    def _wait_for(self, path: Path, what: str, finished: Callable[[], bool] | None = None) -> None:
+        """Node > 0: wait until node 0 has written ``path`` (a stage's or a QA run's DONE.json;
+        ``finished``, when given, decides instead of the file's existence)."""
+        deadline = time.time() + self.o.node_wait_timeout
+        announced = False
+        while not (finished() if finished else path.exists()):
+            if time.time() > deadline:
+                raise RuntimeError(f"node {self.o.node_rank}: node 0 did not finish {what} ({path} missing) within "
+                                   f"{self.o.node_wait_timeout:.0f} s; check node 0's log under {path.parent}, fix "
+                                   "the cause and start the pipeline again on every node")
+            if not announced:
+                self.echo(f"node {self.o.node_rank}: waiting for node 0 to finish {what} ({path})")
+                announced = True
+            time.sleep(1.0)
+
     def _finish(self, stage: str, info: dict) -> None:
         self.dir(stage).mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir(stage) / "DONE.json", {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info},
@@ -134,12 +181,17 @@ class Pipeline:
     def _pretrain_data(self) -> list[str]:
         return ["--corpus", self.o.corpus, "--validation-fraction", str(self.s["validation_fraction"])]
 
-    def _train_common(self, out: Path, steps: int) -> list[str]:
+    def _train_common(self, out: Path, steps: int, lr: float | None = None) -> list[str]:
         s = self.s
         # --resume: a training stage stopped part-way continues from its last checkpoint when the
         # pipeline is rerun (with none, it starts at step 0).
+        # batch_size is the global batch (Megatron style): the same on one process and on any
+        # number of ranks and nodes. micro_batch_size (0: batch_size / data-parallel ranks) fixes
+        # the micro-batch, which the data's randomness is keyed on: runs with the same one train
+        # the same model whatever the launcher (launch/README.md).
+        micro = ["--batch-size", str(s["micro_batch_size"])] if s["micro_batch_size"] else []
         return ["--out", str(out), "--max-steps", str(steps), "--seed", str(self.o.seed), "--resume",
-                "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
+                "--global-batch-size", str(s["batch_size"]), *micro, "--lr", str(s["lr"] if lr is None else lr),
                 "--save-every", str(max(50, steps // 4)), "--log-every", "10", "--eval-every", str(max(50, steps // 4))]
 
     # -- stages ---------------------------------------------------------------------------------
@@ -213,8 +265,14 @@ class Pipeline:
         self._run("distill", ["distill", "--teacher", str(self.teacher_dir()), "--tokenizer", str(self.tokenizer_dir()),
                               *self._pretrain_data(), "--max-length", str(s["distill_length"]),
                               "--block-size", str(self.arch["block_size"]), "--pack-size", str(self.arch["pack_size"]),
-                              *loss]
-                  + self._train_common(self.dir("distill"), s["distill_steps"]), train=True)
+                              # The question is global (spec decision): block 0 at the first-token
+                              # distance from every query, carried by the model from here on.
+                              "--bialibi-global-keys", str(self.arch["block_size"]),
+                              "--bialibi-init", s["bialibi_init"],
+                              # A gentle rate without dropout: the student fits the frozen teacher's
+                              # eval-mode states (at the common lr 1e-3 the cosine fell; docs/pretraining.md).
+                              "--dropout", str(s["distill_dropout"]), *loss]
+                  + self._train_common(self.dir("distill"), s["distill_steps"], lr=s["distill_lr"]), train=True)
         return {"student": str(self.dir("distill") / "final"), "loss": "hidden-state MSE on clean text" if loss
                 else "span masking: KL + hidden-state MSE + masked LM"}
 
@@ -237,14 +295,15 @@ class Pipeline:
         return {"data": str(self.dir("qa-data"))}
 
     def qa_runs(self) -> dict[str, list[str]]:
-        """name -> model arguments of the three QA fine-tuning runs."""
+        """name -> model arguments of the QA fine-tuning runs: the product (``pretrained_pi``),
+        and with ``--ablations`` the two comparisons, which differ from it in one flag each."""
         pretrained = ["--model", str(self.dir("further") / "final")]
-        return {
-            "pretrained_pi": pretrained,
-            "pretrained_no_pi": pretrained + ["--no-padding-insertion"],
+        runs = {"pretrained_pi": pretrained}
+        if self.o.ablations:
+            runs["pretrained_no_pi"] = pretrained + ["--no-padding-insertion"]
             # The student's architecture with fresh weights: the same model, less the pretraining.
-            "random_pi": pretrained + ["--random-init"],
-        }
+            runs["random_pi"] = pretrained + ["--random-init"]
+        return runs
 
     def stage_qa(self) -> dict:
         s = self.s
@@ -260,14 +319,18 @@ class Pipeline:
                     "--validation", val, "--max-length", str(s["qa_length"])]
             if s.get("qa_curriculum"):
                 argv += ["--curriculum", s["qa_curriculum"]]
+            argv += ["--dropout", str(s["qa_dropout"])]
             if "--no-padding-insertion" not in model_args:  # the longest Padding Insertion target, x stage length
                 argv += ["--pi-factor", str(s["qa_pi_factor"])]
                 if s["qa_pi_start_fraction"] > 0:  # a warm-up on plain short contexts first
                     argv += ["--pi-start-fraction", str(s["qa_pi_start_fraction"])]
-            if s["qa_bialibi_lr_scale"] != 1.0:  # the same for all three runs
+            if s["qa_bialibi_lr_scale"] != 1.0:  # the same for every run
                 argv += ["--bialibi-lr-scale", str(s["qa_bialibi_lr_scale"])]
             self._run("qa", argv + self._train_common(out, s["qa_steps"]), train=True, log_name=f"{name}.log")
-            atomic_write_json(out / "DONE.json", {"model": str(out / "final")}, indent=2, default=str)
+            if self.o.node_rank:
+                self._wait_for(out / "DONE.json", f"QA run {name}")
+            else:
+                atomic_write_json(out / "DONE.json", {"model": str(out / "final")}, indent=2, default=str)
             done[name] = str(out / "final")
         return done
 
@@ -302,10 +365,14 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "pipeline.json", {**asdict(self.o), "settings": self.s}, indent=2, default=str)
+        worker = self.o.node_rank > 0
+        if not worker:
+            atomic_write_json(self.out / "pipeline.json", {**asdict(self.o), "settings": self.s}, indent=2,
+                              default=str)
         stages = self.stages()
         t0 = time.time()
-        with tqdm(total=len(stages), desc="pipeline", unit="stage") as bar:
+        with tqdm(total=len(stages), desc="pipeline" + (f" (node {self.o.node_rank})" if worker else ""),
+                  unit="stage") as bar:
             for name, fn in stages:
                 if self.done(name):
                     bar.set_postfix_str(f"{name}: done before")
@@ -313,8 +380,17 @@ class Pipeline:
                     continue
                 bar.set_postfix_str(f"{name} (log: {self.dir(name)})")
                 start = time.time()
-                info = fn()
-                self._finish(name, {**info, "seconds": round(time.time() - start, 1)})
+                if worker:  # join the training launches; node 0 does the rest and marks each stage done
+                    if name == "report":
+                        bar.update(1)
+                        continue
+                    if name in TRAINING_STAGES:
+                        fn()
+                    self._wait_for(self.dir(name) / "DONE.json", f"stage {name}", lambda: self.done(name))
+                else:
+                    info = fn()
+                    self._finish(name, {**info, "seconds": round(time.time() - start, 1)})
                 bar.update(1)
-        self.echo(f"pipeline finished in {time.time() - t0:.0f} s: {self.out / 'report.md'}")
+        where = "node 0 writes the report: " if worker else ""
+        self.echo(f"pipeline finished in {time.time() - t0:.0f} s: {where}{self.out / 'report.md'}")
         return self.out / "report.md"

@@ -80,7 +80,9 @@ def reference(tmp_path_factory) -> dict[int, float]:
     losses = _losses(p.stdout)
     assert len(losses) == STEPS and losses[STEPS] < losses[1], losses  # it learns
     assert _jsonl_losses(out) == losses
-    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]  # --eval-at-start: the initial model
+    rec = next(r for r in records if "loss" in r)
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(rec) and rec["tokens_per_s"] > 0
     assert any((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "final" / "model.safetensors").is_file()
@@ -588,3 +590,37 @@ def test_release_memory_lowers_the_resident_peak_of_a_training_step():
 
     kept, released = peak("keep"), peak("release")
     assert released < 0.7 * kept, (kept, released)
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: it shows whether a loader ran a pickle's code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_crafted_pickles_run_nothing_through_the_rng_and_export_loaders(tmp_path):
+    from littlebird_ds.train.checkpoint import load_rng_state, rng_state, save_rng_state
+    from littlebird_ds.train.export import _gather_one
+
+    marker = tmp_path / "ran"
+    # The RNG file: safetensors + JSON; a pickle under its name is refused, not read.
+    good = tmp_path / "rng.safetensors"
+    save_rng_state(rng_state(), good)
+    assert load_rng_state(good)["torch"].dtype == torch.uint8
+    bad = tmp_path / "rng_bad.safetensors"
+    torch.save({"python": _Payload(marker)}, bad)
+    with pytest.raises(ValueError, match="is not a littlebird-ds RNG state file"):
+        load_rng_state(bad)
+    # Export of a ZeRO-0 checkpoint reads the model states with weights_only=True.
+    tag = tmp_path / "ckpt" / "step_00000001"
+    tag.mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}, "hook": _Payload(marker)}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError, match="is not read .*unpickle arbitrary objects"):
+        _gather_one(tmp_path / "ckpt", "step_00000001")
+    assert not marker.exists()
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, tag / "mp_rank_00_model_states.pt")
+    assert torch.equal(_gather_one(tmp_path / "ckpt", "step_00000001")["w"], torch.ones(2))

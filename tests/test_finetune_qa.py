@@ -237,6 +237,8 @@ def test_random_init_builds_the_models_architecture_with_fresh_weights(model_dir
     fresh = factory()
     ours, theirs = fresh.config.to_dict(), pretrained.config.to_dict()
     ours.pop("_name_or_path"), theirs.pop("_name_or_path")
+    # The same architecture; the question becomes global as for the pretrained run (spec decision).
+    assert ours.pop("bialibi_global_keys") == BLOCK and theirs.pop("bialibi_global_keys") == 1
     assert ours == theirs
     a, b = pretrained.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,16 +39,30 @@ def test_pipeline_runs_every_stage_writes_a_report_and_resumes(corpus, tmp_path)
     for stage in ("tokenizer", "teacher", "distill", "further", "qa-data", "qa", "evaluate", "report"):
         assert (out / stage / "DONE.json").exists(), stage
     report = json.loads((out / "report.json").read_text())
-    assert set(report["qa_f1_by_length"]) == {"pretrained_pi", "pretrained_no_pi", "random_pi"}
-    assert set(report["qa_f1_by_length"]["pretrained_pi"]) == {"256", "512"} or set(report["qa_f1_by_length"]["pretrained_pi"]) == {256, 512}
-    assert {"padding_insertion", "distillation", "pretraining_pays"} <= set(report["checks"])
+    # The default run trains and evaluates one QA model, the product.
+    assert set(report["qa_f1_by_length"]) == {"pretrained_pi"}
+    assert set(report["qa_f1_by_length"]["pretrained_pi"]) in ({"256", "512"}, {256, 512})
+    for row in report["qa_f1_by_length"]["pretrained_pi"].values():  # every F1 with its 95% interval
+        assert row["f1_ci95"][0] <= row["f1"] <= row["f1_ci95"][1]
+    assert {"qa_learned", "long_contexts", "distillation", "padding_insertion", "pretraining_pays"} <= set(report["checks"])
+    assert "--ablations" in report["checks"]["pretraining_pays"]["not_measured"]
+    # The question is global: the student carries bialibi_global_keys = block size from distillation on.
+    for model in (out / "distill" / "final", out / "further" / "final", out / "qa" / "pretrained_pi" / "final"):
+        config = json.loads((model / "config.json").read_text())
+        assert config["bialibi_global_keys"] == config["block_size"] == 32, model
     md = (out / "report.md").read_text()
-    assert "QA F1 / EM by context length" in md and (out / "report_qa_f1.png").exists() and (out / "report_losses.png").exists()
-    # A finished stage is not redone: rerunning only re-checks and finishes at once.
-    before = (out / "teacher" / "DONE.json").read_text()
-    res = _pipeline(out, corpus)
+    assert "QA test F1 / EM by context length" in md and (out / "report_qa_f1.png").exists() and (out / "report_losses.png").exists()
+    # A finished stage is not redone; --ablations adds the two comparisons to the finished run.
+    before = {st: (out / st / "DONE.json").read_text() for st in ("teacher", "further")}
+    product = (out / "qa" / "pretrained_pi.log").read_text()
+    res = _pipeline(out, corpus, "--ablations")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (out / "teacher" / "DONE.json").read_text() == before
+    assert {st: (out / st / "DONE.json").read_text() for st in before} == before
+    assert (out / "qa" / "pretrained_pi.log").read_text() == product  # the product is not retrained
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["qa_f1_by_length"]) == {"pretrained_pi", "pretrained_no_pi", "random_pi"}
+    assert "f1_random_init_ci95" in report["checks"]["pretraining_pays"]
+    assert "not_measured" not in report["checks"]["padding_insertion"]
     # An unfinished training stage continues from its last checkpoint, not from step 0.
     (out / "further" / "DONE.json").unlink()
     res = _pipeline(out, corpus)
@@ -67,7 +82,7 @@ def test_pipeline_with_the_minilm_teacher_skips_teacher_training_and_distills_on
     assert "--mask-rate 0 --kl-weight 0 --mlm-weight 0" in (out / "distill" / "log.txt").read_text()
     assert json.loads((out / "distill" / "final" / "config.json").read_text())["hidden_size"] == 384  # MiniLM's width
     report = json.loads((out / "report.json").read_text())
-    assert {"padding_insertion", "distillation", "pretraining_pays"} <= set(report["checks"])
+    assert {"qa_learned", "long_contexts", "distillation"} <= set(report["checks"])
     assert 0 < report["checks"]["distillation"]["final_hidden_cosine"] <= 1
     md = (out / "report.md").read_text()
     assert "Teacher `minilm`, given (not trained here)" in md and "| teacher |" not in md
@@ -79,11 +94,13 @@ def test_unknown_setting_is_a_clear_error(tmp_path):
     assert res.returncode != 0 and "expected KEY=VALUE with KEY one of" in res.stderr
 
 
-def _fake_run(out, f1s):
-    """An OUT folder holding only the evaluation results: run -> {length: F1}."""
+def _fake_run(out, f1s, half_width=3.0):
+    """An OUT folder holding only the evaluation results: run -> {length: F1}, each with a 95%
+    interval of +-half_width."""
     (out / "evaluate").mkdir(parents=True)
     for run, by in f1s.items():
-        by_length = {str(n): {"f1": f1, "exact_match": 0.0, "total": 48} for n, f1 in by.items()}
+        by_length = {str(n): {"f1": f1, "exact_match": 0.0, "total": 200, "f1_ci95": [f1 - half_width, f1 + half_width]}
+                     for n, f1 in by.items()}
         (out / "evaluate" / f"{run}.json").write_text(json.dumps({"by_length": by_length}))
 
 
@@ -92,20 +109,44 @@ def test_report_calls_qa_comparisons_not_shown_when_the_models_are_near_chance(t
 
     # Near chance: PI is "within 10 points" and "ahead" by noise; that is not evidence.
     _fake_run(tmp_path / "chance", {"pretrained_pi": {512: 3.4, 4096: 2.9}, "pretrained_no_pi": {512: 7.3, 4096: 0.3},
-                                    "random_pi": {512: 2.0, 4096: 1.0}})
+                                    "random_pi": {512: 2.0, 4096: 1.0}}, half_width=0.5)
     checks = summarize(tmp_path / "chance", {"qa_length": 512})["checks"]
-    for key in ("padding_insertion", "pretraining_pays"):
+    for key in ("long_contexts", "padding_insertion", "pretraining_pays"):
         assert checks[key]["passed"] is False and "has not learned the task" in checks[key]["not_shown"]
+    assert checks["qa_learned"]["passed"] is False and checks["qa_learned"]["f1"] == 3.4
     # A model that learned the task: the same rules decide.
     _fake_run(tmp_path / "learned", {"pretrained_pi": {512: 40.0, 4096: 35.0}, "pretrained_no_pi": {512: 41.0, 4096: 5.0},
                                      "random_pi": {512: 20.0, 4096: 10.0}})
     checks = summarize(tmp_path / "learned", {"qa_length": 512})["checks"]
-    assert checks["padding_insertion"]["passed"] is True and "not_shown" not in checks["padding_insertion"]
-    assert checks["pretraining_pays"]["passed"] is True
+    for key in ("qa_learned", "long_contexts", "padding_insertion", "pretraining_pays"):
+        assert checks[key]["passed"] is True and "not_shown" not in checks[key], key
     _fake_run(tmp_path / "drop", {"pretrained_pi": {512: 40.0, 4096: 20.0}, "pretrained_no_pi": {512: 41.0, 4096: 5.0},
                                   "random_pi": {512: 45.0, 4096: 10.0}})
     checks = summarize(tmp_path / "drop", {"qa_length": 512})["checks"]
-    assert checks["padding_insertion"]["passed"] is False and checks["pretraining_pays"]["passed"] is False
+    assert checks["long_contexts"]["passed"] is False and checks["pretraining_pays"]["passed"] is False
+    assert checks["padding_insertion"]["passed"] is True  # 20 against 5 at 4096: ahead, intervals apart
+
+
+def test_a_comparison_is_shown_only_when_the_95_percent_intervals_separate(tmp_path):
+    from littlebird_ds.report import summarize
+
+    # Ahead by 6 F1 at 512 and by 4 at 4096, but with +-3.5 intervals: both overlap, neither is shown.
+    runs = {"pretrained_pi": {512: 40.0, 4096: 35.0}, "pretrained_no_pi": {512: 40.0, 4096: 31.0},
+            "random_pi": {512: 34.0, 4096: 30.0}}
+    _fake_run(tmp_path / "wide", runs, half_width=3.5)
+    checks = summarize(tmp_path / "wide", {"qa_length": 512})["checks"]
+    assert checks["padding_insertion"]["passed"] is False
+    assert checks["padding_insertion"]["by_length"][4096]["separated"] is False
+    assert checks["pretraining_pays"]["passed"] is False and checks["pretraining_pays"]["f1_gain_at_train_length"] == 6.0
+    # The same means with +-1.5 intervals: both separate.
+    _fake_run(tmp_path / "narrow", runs, half_width=1.5)
+    checks = summarize(tmp_path / "narrow", {"qa_length": 512})["checks"]
+    assert checks["padding_insertion"]["passed"] is True and checks["pretraining_pays"]["passed"] is True
+    # Without --ablations the comparisons are not measured, and the report says how to measure them.
+    _fake_run(tmp_path / "product", {"pretrained_pi": runs["pretrained_pi"]})
+    checks = summarize(tmp_path / "product", {"qa_length": 512})["checks"]
+    for key in ("padding_insertion", "pretraining_pays"):
+        assert "--ablations" in checks[key]["not_measured"]
 
 
 def test_an_existing_teacher_brings_its_tokenizer_and_the_random_baseline_copies_the_student(tmp_path):
@@ -114,7 +155,7 @@ def test_an_existing_teacher_brings_its_tokenizer_and_the_random_baseline_copies
     from littlebird_ds.pipeline import Pipeline, PipelineOptions
     from littlebird_ds.train.distill import resolve_teacher_path
 
-    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", teacher="minilm"), echo=lambda s: None)
+    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", teacher="minilm", ablations=True), echo=lambda s: None)
     assert [name for name, _ in pipe.stages()][:2] == ["tokenizer", "distill"]  # no teacher pretraining
     info = pipe.stage_tokenizer()
     theirs = AutoTokenizer.from_pretrained(resolve_teacher_path("minilm"))
@@ -159,11 +200,13 @@ def test_distillation_reads_clean_text_and_matches_states_only_when_the_teacher_
     assert loss_args(tmp_path / "mlm") == []  # span masking with KL, MSE and the student's own MLM loss
 
 
-def test_the_three_qa_runs_differ_only_in_padding_insertion_and_initialisation(tmp_path, monkeypatch):
+def test_the_ablation_qa_runs_differ_only_in_padding_insertion_and_initialisation(tmp_path, monkeypatch):
     from littlebird_ds.pipeline import Pipeline, PipelineOptions
 
-    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", overrides={"qa_bialibi_lr_scale": 30.0,
-                                                                      "qa_pi_start_fraction": 0.5}), echo=lambda s: None)
+    assert list(Pipeline(PipelineOptions(out=tmp_path / "one"), echo=lambda s: None).qa_runs()) == ["pretrained_pi"]
+    pipe = Pipeline(PipelineOptions(out=tmp_path / "run", ablations=True,
+                                    overrides={"qa_bialibi_lr_scale": 30.0, "qa_pi_start_fraction": 0.5}),
+                    echo=lambda s: None)
     calls = {}
 
     def run(self, stage, argv, **kw):
@@ -195,3 +238,42 @@ def test_launcher_prefix_names_the_module_the_way_each_launcher_takes_it():
     assert launcher_prefix("accelerate launch --num_processes 2")[-2:] == ["-m", "littlebird_ds.cli"]
     with pytest.raises(ValueError, match="--launcher is empty"):
         launcher_prefix("  ")
+
+
+def test_pipeline_on_two_simulated_nodes_with_the_deepspeed_launcher_reports_as_one_process(corpus, tmp_path):
+    """The same pipeline command on two nodes (launch/deepspeed_multinode.sh, launch/hostfile,
+    --no_ssh, loopback; NODE_RANK 0 and 1, one process each, ZeRO-2) and in one process: with
+    the same global batch and micro-batch (one process accumulates 2 micro-batches), every
+    training stage trains the same model, so the reports agree (losses to 1e-4, F1 exactly)."""
+    from conftest import free_port, launch_env, run_together
+
+    root = Path(__file__).resolve().parents[1]
+    zero2 = str(root / "ds_configs" / "zero2_fp32.json")
+    common = ["--corpus", str(corpus), "--deepspeed", zero2]
+    for s in [*TINY, "batch_size=4", "micro_batch_size=2"]:
+        common += ["--set", s]
+    cli = [sys.executable, "-m", "littlebird_ds.cli", "pipeline"]
+    ref, run = tmp_path / "one", tmp_path / "two"
+    run_together([([*cli, "--out", str(ref), *common], launch_env())], "one process", 1500)
+    launcher = ["--launcher", f"bash {root / 'launch' / 'deepspeed_multinode.sh'}"]
+    port = str(free_port())
+    run_together([([*cli, "--out", str(run), *launcher, *common], launch_env(NODE_RANK=str(r), NPROC_PER_NODE="1",
+                                                                           MASTER_PORT=port)) for r in (0, 1)],
+                 "pipeline on two nodes", 1500)
+    for stage in ("teacher", "distill", "further", "qa/pretrained_pi"):
+        meta = json.loads(next((run / stage / "checkpoints").glob("step_*/littlebird_checkpoint.json")).read_text())
+        assert meta["world_size"] == 2 and meta["zero_stage"] == 2, (stage, meta)
+    assert (run / "teacher" / "log.node1.txt").exists() and (run / "qa" / "pretrained_pi.node1.log").exists()
+    a, b = json.loads((run / "report.json").read_text()), json.loads((ref / "report.json").read_text())
+    assert a["qa_f1_by_length"] == b["qa_f1_by_length"]
+    assert a["checks"].keys() == b["checks"].keys()
+    for key in ("final_losses", "final_eval"):
+        assert a[key].keys() == b[key].keys()
+    for name, loss in b["final_losses"].items():
+        assert (loss is None) == (a["final_losses"][name] is None)
+        if loss is not None:
+            assert abs(a["final_losses"][name] - loss) <= 1e-4, (name, a["final_losses"][name], loss)
+    for name, ev in b["final_eval"].items():
+        for k, v in ev.items():
+            if isinstance(v, float) and not k.endswith("seconds"):
+                assert abs(a["final_eval"][name][k] - v) <= 1e-4, (name, k, a["final_eval"][name][k], v)

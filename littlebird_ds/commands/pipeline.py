@@ -24,6 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--launcher", default="", help='prefix for training stages, e.g. "torchrun --nproc_per_node 2"')
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config for the training stages")
+    p.add_argument("--node-rank", type=int, default=None, metavar="R",
+                   help="this node's rank when the same command runs on several nodes with a multi-node --launcher "
+                        "(default: $NODE_RANK, else 0); node 0 runs every stage, the others join the training "
+                        "launches. OUT must be on storage all nodes share")
+    p.add_argument("--node-wait-timeout", type=float, default=24 * 3600.0, metavar="S",
+                   help="seconds a node other than 0 waits for node 0 to finish a stage (default 86400)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train and evaluate the two comparisons with the same budget: the student without "
+                        "Padding Insertion and the student's architecture from random weights (about twice the QA time)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset setting, e.g. --set qa_steps=2000 (see littlebird_ds/pipeline.py PRESETS)")
 
@@ -46,12 +55,30 @@ def parse_overrides(items: list[str], preset: str) -> dict:
     return out
 
 
+def node_rank(flag: int | None) -> int:
+    """``--node-rank``, else ``$NODE_RANK`` (what launch/deepspeed_multinode.sh reads), else 0."""
+    import os
+
+    if flag is None:
+        env = os.environ.get("NODE_RANK", "0") or "0"
+        if not env.isdigit():
+            raise SystemExit(f"pipeline: error: NODE_RANK={env!r} is not a node rank; set it to 0, 1, ... or pass "
+                             "--node-rank R")
+        flag = int(env)
+    if flag < 0:
+        raise SystemExit(f"pipeline: error: --node-rank {flag} must be >= 0")
+    return flag
+
+
 def run(args: argparse.Namespace) -> int:
     from littlebird_ds.pipeline import Pipeline, PipelineOptions
 
     opts = PipelineOptions(out=Path(args.out), corpus=args.corpus, language=args.language, preset=args.preset,
                            teacher=args.teacher, seed=args.seed, launcher=args.launcher, deepspeed=args.deepspeed,
+                           ablations=args.ablations, node_rank=node_rank(args.node_rank),
+                           node_wait_timeout=args.node_wait_timeout,
                            overrides=parse_overrides(args.set, args.preset))
     report = Pipeline(opts).run()
-    print(report.read_text())
+    if opts.node_rank == 0:
+        print(report.read_text())
     return 0
