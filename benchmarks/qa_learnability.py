@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--bialibi-global-keys", type=int, default=None, metavar="N",
                    help="LittleBird only: the first N keys (the question in block 0) at BiALiBi's constant "
                         "first-token distance (config bialibi_global_keys; default: the model's own, 1)")
+    p.add_argument("--bialibi-init", default=None, choices=("alibi", "directional"),
+                   help="LittleBird only: initial BiALiBi slopes (config bialibi_init)")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start from a pretrained model instead of random: for LittleBird e.g. a pretrain run's "
                         "OUT/final, for --model bert any Hugging Face BERT-style encoder folder")
@@ -68,6 +70,8 @@ def main() -> None:
         if args.model != "littlebird":
             raise SystemExit("--bialibi-global-keys is a LittleBird option")
         overrides["bialibi_global_keys"] = args.bialibi_global_keys
+    if args.bialibi_init is not None:
+        overrides["bialibi_init"] = args.bialibi_init
     if args.init:
         from transformers import AutoModelForQuestionAnswering
 
