@@ -2,7 +2,7 @@
 
 Reads what the stages wrote (``metrics.jsonl`` of every training stage, the evaluation JSON of
 every QA run, with 95% bootstrap intervals on every EM and F1) and checks what the recipe must
-show (issue "The recipe ends in a model that works", ../spec decisions):
+show (the spec owner's targets for the main job):
 
 1. The product learned the task: the QA model's test F1 at the training length reaches
    ``TARGET_F1``.
