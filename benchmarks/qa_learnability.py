@@ -21,6 +21,8 @@ import torch
 
 
 def main() -> None:
+    from littlebird_ds.config import BIALIBI_INITS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="make-qa output folder (train-512.json, validation-512.json)")
     p.add_argument("--tokenizer", required=True)
@@ -43,7 +45,7 @@ def main() -> None:
     p.add_argument("--bialibi-global-keys", type=int, default=None, metavar="N",
                    help="LittleBird only: the first N keys (the question in block 0) at BiALiBi's constant "
                         "first-token distance (config bialibi_global_keys; default: the model's own, 1)")
-    p.add_argument("--bialibi-init", default=None, choices=("alibi", "directional"),
+    p.add_argument("--bialibi-init", default=None, choices=BIALIBI_INITS,
                    help="LittleBird only: initial BiALiBi slopes (config bialibi_init)")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start from a pretrained model instead of random: for LittleBird e.g. a pretrain run's "

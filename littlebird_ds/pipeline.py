@@ -25,9 +25,9 @@ nodes: the report equals one process's with the same micro-batch).
 Every stage runs as a child process of the ``littlebird-ds`` console script (the training
 engine owns its process group and exits the process when done), with its output in
 ``OUT/<stage>/log.txt`` (other nodes: ``log.node<R>.txt``); a stage is finished when
-``OUT/<stage>/DONE.json`` exists, which is written atomically last. A failed or interrupted stage leaves no ``DONE.json``: rerunning the
-pipeline resumes there, and a training stage continues from its last checkpoint (saved every
-``max(50, steps / 4)`` steps), not from step 0.
+``OUT/<stage>/DONE.json`` exists, which is written atomically last. A failed or interrupted
+stage leaves no ``DONE.json``: rerunning the pipeline resumes there, and a training stage
+continues from its last checkpoint (saved every ``max(50, steps / 4)`` steps), not from step 0.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from littlebird_ds.config import BIALIBI_INITS
     from littlebird_ds.train.engine import add_training_arguments
 
     g = p.add_argument_group("teacher and student")
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="student's bialibi_global_keys: the first N keys at BiALiBi's constant first-token distance "
                         "(default 1, [CLS] only, the spec; the block size puts a QA question in block 0 at that "
                         "distance from every query, as the pipeline does)")
-    g.add_argument("--bialibi-init", default="alibi", choices=("alibi", "directional"),
+    g.add_argument("--bialibi-init", default="alibi", choices=BIALIBI_INITS,
                    help="student's initial BiALiBi slopes (default alibi, the spec; directional: a quarter of the "
                         "heads start looking left and a quarter right)")
     g.add_argument("--dropout", type=float, default=None,

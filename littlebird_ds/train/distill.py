@@ -336,7 +336,7 @@ def run_distillation(args):
     from ..data.tokenizer import has_tokenizer_files
     from .engine import Trainer
     from .pretrain import WindowDataset, evaluate_mlm, fixed_eval_batches, is_main_process, load_tokenizer, tokenize_documents
-    from .presets import max_positions
+    from .presets import dropout_overrides, max_positions
 
     teacher_path = resolve_teacher_path(args.teacher)
     teacher = load_teacher(teacher_path)
@@ -348,10 +348,7 @@ def run_distillation(args):
     if max_len > limit:
         raise ValueError(f"--max-length {max_len} exceeds the teacher's {limit} positions; the teacher reads the text at "
                          f"its own length: use --max-length {limit} or less")
-    dropout = getattr(args, "dropout", None)
-    if dropout is not None and not 0 <= dropout < 1:
-        raise ValueError(f"--dropout {dropout} must be in [0, 1)")
-    overrides = {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    overrides = dropout_overrides(getattr(args, "dropout", None))
     overrides.update(bialibi_global_keys=int(getattr(args, "bialibi_global_keys", 1)),
                      bialibi_init=getattr(args, "bialibi_init", "alibi"))
     student_cfg = student_config_from_teacher(teacher.config, block_size=args.block_size, pack_size=args.pack_size,

@@ -300,12 +300,11 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
     question is global": the block size (the whole of block 0, where the question sits) for a
     model that does not set it (``1``, the default) or a preset, else the model's own value.
     ``dropout`` (``None``: the model's own) sets the hidden and attention dropout."""
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise ValueError(f"--dropout {dropout} must be in [0, 1)")
-    drop = {} if dropout is None else {"hidden_dropout_prob": float(dropout), "attention_probs_dropout_prob": float(dropout)}
     import littlebird_ds  # noqa: F401 - registers the Auto* classes
     from littlebird_ds import LittleBirdConfig, LittleBirdForQuestionAnswering
+    from littlebird_ds.train.presets import dropout_overrides
 
+    drop = dropout_overrides(dropout)
     vocab = len(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model_dir is not None:
@@ -315,13 +314,23 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
                 f"the tokenizer has {vocab} tokens but the model at {model_dir} only {config.vocab_size}; "
                 "pass the tokenizer the model was trained with (--tokenizer)"
             )
-        if global_keys is None and int(config.bialibi_global_keys) == 1:
-            global_keys = int(config.block_size)
-        if global_keys is not None or drop:  # through the constructor, so the values are validated
-            extra = {} if global_keys is None else {"bialibi_global_keys": global_keys}
-            config = LittleBirdConfig.from_dict({**config.to_dict(), **extra, **drop})
-        if random_init:
-            return (lambda: LittleBirdForQuestionAnswering(config)), config
+    else:
+        try:
+            from littlebird_ds.train.presets import build_config
+        except ImportError:  # the presets module is optional; the tiny preset is known here too
+            build_config = None
+        if build_config is not None:
+            config = build_config("littlebird", preset, vocab, pad)
+        elif preset in PRESETS:
+            config = LittleBirdConfig(vocab_size=vocab, pad_token_id=pad, **PRESETS[preset])
+        else:
+            raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or pass --model DIR")
+    if global_keys is None and int(config.bialibi_global_keys) == 1:  # the question is global
+        global_keys = int(config.block_size)
+    if global_keys is not None or drop:  # through the constructor, so the values are validated
+        extra = {} if global_keys is None else {"bialibi_global_keys": global_keys}
+        config = LittleBirdConfig.from_dict({**config.to_dict(), **extra, **drop})
+    if model_dir is not None and not random_init:
 
         def factory():
             with warnings.catch_warnings():
@@ -329,19 +338,6 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
                 return LittleBirdForQuestionAnswering.from_pretrained(model_dir, config=config)
 
         return factory, config
-    try:
-        from littlebird_ds.train.presets import build_config
-    except ImportError:  # the presets module is optional; the tiny preset is known here too
-        build_config = None
-    extra = {**({} if global_keys is None else {"bialibi_global_keys": global_keys}), **drop}
-    if build_config is not None:
-        config = build_config("littlebird", preset, vocab, pad, **extra)
-    elif preset in PRESETS:
-        config = LittleBirdConfig(vocab_size=vocab, pad_token_id=pad, **PRESETS[preset], **extra)
-    else:
-        raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or pass --model DIR")
-    if global_keys is None and int(config.bialibi_global_keys) == 1:  # the question is global
-        config = LittleBirdConfig.from_dict({**config.to_dict(), "bialibi_global_keys": int(config.block_size)})
     return (lambda: LittleBirdForQuestionAnswering(config)), config
 
 

@@ -116,6 +116,16 @@ def config_fields(kind: str, preset_or_config_path: str | os.PathLike[str]) -> d
     return fields
 
 
+def dropout_overrides(dropout: float | None) -> dict[str, float]:
+    """Config fields for a training command's ``--dropout P`` (hidden and attention dropout);
+    ``{}`` for ``None`` (the model's own). Raises ``ValueError`` outside ``[0, 1)``."""
+    if dropout is None:
+        return {}
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"--dropout {dropout} must be in [0, 1)")
+    return {"hidden_dropout_prob": float(dropout), "attention_probs_dropout_prob": float(dropout)}
+
+
 def build_config(kind: str, preset_or_config_path: str | os.PathLike[str], vocab_size: int, pad_token_id: int,
                  **overrides: Any):
     """A ``LittleBirdConfig`` or ``BertConfig`` from a preset or config file.

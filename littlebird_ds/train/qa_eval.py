@@ -242,7 +242,7 @@ def evaluate_files(
             prev = by_length.get(key)
             if prev is None:
                 by_length[key] = dict(row)
-            else:  # the same length in two files: pool the questions (their intervals are per file)
+            else:  # the same length in two files: pool the questions (the pooled row has no interval)
                 n = prev["total"] + row["total"]
                 by_length[key] = {m: (prev[m] * prev["total"] + row[m] * row["total"]) / n
                                   for m in ("exact_match", "f1")} | {"total": n}
