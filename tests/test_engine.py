@@ -171,14 +171,19 @@ def _resume_args(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def resume_reference(tmp_path_factory) -> dict[int, float]:
+def resume_reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
     out = tmp_path_factory.mktemp("resume_ref")
     p = _run(_torchrun(2, *_resume_args(out)))
     losses = _losses(p.stdout)
     assert len(losses) == RESUME_STEPS
     # keep the last 2 checkpoints
     assert sorted(d.name for d in (out / "checkpoints").iterdir() if d.is_dir()) == ["step_00000006", "step_00000008"]
-    return losses
+    return out, losses
+
+
+@pytest.fixture(scope="module")
+def resume_reference(resume_reference_run) -> dict[int, float]:
+    return resume_reference_run[1]
 
 
 def test_crash_in_save_then_sigkill_then_resume_reproduces_losses_exactly(resume_reference, tmp_path):
@@ -220,6 +225,52 @@ def test_crash_in_save_then_sigkill_then_resume_reproduces_losses_exactly(resume
     assert sorted(resumed) == list(range(7, RESUME_STEPS + 1))  # started from step 6
     assert resumed == {s: resume_reference[s] for s in resumed}  # bit-identical
     assert _jsonl_losses(tmp_path) == resume_reference  # the log holds each step once
+
+
+def _copy_checkpoints(run: Path, to: Path) -> Path:
+    """The reference run's checkpoints (steps 6 and 8) under ``to``; returns step 8's optimizer file."""
+    shutil.copytree(run / "checkpoints", to / "checkpoints")
+    return sorted((to / "checkpoints" / "step_00000008").glob("*optim_states.pt"))[0]
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint_and_names_it(resume_reference_run, tmp_path):
+    """A file of the latest checkpoint cut short after the save (a full disk, a bad copy): its
+    manifest no longer matches, so --resume warns, naming the file, and continues exactly from
+    the checkpoint before it."""
+    run, reference = resume_reference_run
+    optim = _copy_checkpoints(run, tmp_path)
+    size = optim.stat().st_size
+    with open(optim, "r+b") as f:
+        f.truncate(size // 2)
+    p = _run(_torchrun(2, *_resume_args(tmp_path, "--resume")))
+    warnings = [ln for ln in p.stderr.splitlines() if ln.startswith("warning:")]
+    assert any(f"step_00000008 is corrupt ({optim} has {size // 2} bytes, the manifest says {size})" in w
+               for w in warnings), warnings
+    resumed = _losses(p.stdout)
+    assert sorted(resumed) == [7, 8]  # from step 6
+    assert resumed == {s: reference[s] for s in resumed}
+
+
+def test_a_crafted_pickle_in_a_checkpoint_runs_nothing_through_resume_or_export(resume_reference_run, tmp_path):
+    """DeepSpeed's own loaders call torch.load(weights_only=False); the project makes every load
+    of a resume and an export weights-only (DeepSpeed's three checkpoint classes allowlisted).
+    The crafted file comes with a matching manifest, as from someone who can write the folder."""
+    from littlebird_ds.train.checkpoint import write_manifest
+
+    run, _ = resume_reference_run
+    marker = tmp_path / "ran"
+    optim = _copy_checkpoints(run, tmp_path)
+    state = torch.load(optim, weights_only=False)  # the test's own file
+    state["hook"] = _Payload(marker)
+    torch.save(state, optim)
+    (optim.parent / "littlebird_manifest.json").unlink()
+    write_manifest(optim.parent)
+    p = _run(_torchrun(2, *_resume_args(tmp_path, "--resume")), check=False)
+    assert p.returncode != 0 and "not read (unpickling it could run code)" in p.stderr, p.stderr[-3000:]
+    assert not marker.exists()
+    p = _run([str(BIN / "littlebird-ds"), "export", str(optim.parent), str(tmp_path / "exported")], check=False)
+    assert p.returncode == 2 and "not read (unpickling it could run code)" in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and not marker.exists() and not (tmp_path / "exported").exists()
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -619,7 +670,7 @@ def test_crafted_pickles_run_nothing_through_the_rng_and_export_loaders(tmp_path
     tag = tmp_path / "ckpt" / "step_00000001"
     tag.mkdir(parents=True)
     torch.save({"module": {"w": torch.ones(2)}, "hook": _Payload(marker)}, tag / "mp_rank_00_model_states.pt")
-    with pytest.raises(ValueError, match="is not read .*unpickle arbitrary objects"):
+    with pytest.raises(ValueError, match=r"is not read \(unpickling it could run code\)"):
         _gather_one(tmp_path / "ckpt", "step_00000001")
     assert not marker.exists()
     torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, tag / "mp_rank_00_model_states.pt")

@@ -9,6 +9,7 @@ Layout under a checkpoint root (``OUT/checkpoints``)::
         littlebird_checkpoint.json   # step, TP/SP sizes, ZeRO stage, model class
         config.json           # the model's LittleBirdConfig
         tokenizer/            # the tokenizer, when the run has one
+        littlebird_manifest.json     # size and SHA-256 of every file above, written last
     .tmp-step_00000012/       # a save in progress (or one a crash interrupted)
 
 A save writes everything into ``.tmp-<tag>``, then rank 0 renames it to ``<tag>`` and
@@ -16,15 +17,29 @@ replaces ``latest`` with ``os.replace`` (atomic on POSIX). A crash at any point 
 ``latest`` naming the previous complete checkpoint; stale ``.tmp-*`` directories are removed
 by the next run. The root must be on a filesystem all ranks share (the usual multi-node
 setup); rank 0 does the rename.
+
+Resuming verifies a checkpoint against its manifest before DeepSpeed reads it
+(:meth:`CheckpointManager.newest_intact`): a file truncated, changed or lost after the save
+(a full disk, a bad copy between clusters) makes the run fall back to the newest intact
+checkpoint, with a warning naming the corrupt one. Every ``torch.load`` of a resume or an
+export runs with ``weights_only=True`` (:func:`weights_only_loads`): DeepSpeed's optimizer
+files hold three small DeepSpeed classes besides tensors, which are allowlisted; anything
+else in a file is refused, never unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +50,16 @@ from ..utils.io import TMP_PREFIX, atomic_write_text, fsync_dir
 
 LATEST = "latest"
 META = "littlebird_checkpoint.json"
+MANIFEST = "littlebird_manifest.json"
+
+#: The classes DeepSpeed pickles into its optimizer-state files beside tensors and plain values
+#: (ZeRO 1-3, bf16, offload; DeepSpeed 0.19). Allowlisting them lets ``weights_only=True`` read
+#: those files: the unpickler may build these classes and nothing else.
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+)
 _TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -94,6 +119,90 @@ def load_rng_state(path: str | os.PathLike) -> dict[str, Any]:
     if cuda:
         state["cuda"] = cuda
     return state
+
+
+def _allowlisted_globals() -> list[Any]:
+    found = []
+    for name in DEEPSPEED_CHECKPOINT_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: it does not write this class
+            pass
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within the block, every ``torch.load`` (DeepSpeed's checkpoint engine and ``zero_to_fp32``
+    call it with ``weights_only=False``) reads with ``weights_only=True`` and the
+    :data:`DEEPSPEED_CHECKPOINT_GLOBALS` allowlist. A file holding anything else raises a
+    ``ValueError`` naming it; nothing in it runs. Not thread-safe (it swaps ``torch.load``)."""
+    original = torch.load
+    allowed = _allowlisted_globals()
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{f} holds objects other than tensors, plain values and DeepSpeed's checkpoint classes, so it is "
+                f"not read (unpickling it could run code): {first}. Use a checkpoint written by littlebird-ds"
+            ) from e
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(tag_dir: str | os.PathLike) -> None:
+    """Record the size and SHA-256 of every file under ``tag_dir`` in ``littlebird_manifest.json``."""
+    tag_dir = Path(tag_dir)
+    files = {
+        p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    (tag_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(tag_dir: str | os.PathLike) -> str | None:
+    """``None`` when every file of ``tag_dir`` matches its manifest, else what is wrong (one line).
+
+    A checkpoint without a manifest (written before manifests existed) passes when its
+    ``littlebird_checkpoint.json`` is there."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        return f"{tag_dir} does not exist"
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        return None if (tag_dir / META).is_file() else f"{tag_dir} has neither {MANIFEST} nor {META}"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{manifest} is not a valid manifest ({e})"
+    for rel, want in files.items():
+        p = tag_dir / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            return f"{p} has {size} bytes, the manifest says {want['bytes']}"
+        if _sha256(p) != want["sha256"]:
+            return f"{p} does not match its SHA-256 in the manifest"
+    return None
 
 
 def read_latest(root: str | os.PathLike) -> str | None:
@@ -178,6 +287,7 @@ class CheckpointManager:
             if write_extra is not None:
                 write_extra(tmp)
             (tmp / META).write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=2, sort_keys=True))
+            write_manifest(tmp)
             self._before_commit(tmp)
             final = self.root / tag
             if final.exists():  # left by an earlier run that got further; this one supersedes it
@@ -205,13 +315,49 @@ class CheckpointManager:
     def latest(self) -> str | None:
         return read_latest(self.root) if self.root.is_dir() else None
 
+    def newest_intact(self) -> str | None:
+        """The newest checkpoint that passes :func:`verify_checkpoint`, starting from ``latest``;
+        each one passed over is named in a warning (rank 0). ``None`` when the root holds no
+        checkpoint; ``ValueError`` when it holds checkpoints and none is intact."""
+        if not self.root.is_dir():
+            return None
+        tags = sorted((p.name for p in self.root.iterdir() if p.is_dir() and _TAG_RE.match(p.name)),
+                      key=lambda t: int(_TAG_RE.match(t).group(1)), reverse=True)
+        latest_file = self.root / LATEST
+        named = latest_file.read_text().strip() if latest_file.is_file() else None
+        if named is not None and named in tags:  # never resume past what ``latest`` committed
+            tags = tags[tags.index(named):]
+        elif named is not None:
+            self._warn(f"{latest_file} names checkpoint {named!r}, which does not exist; "
+                       "looking for the newest intact checkpoint instead")
+        elif not tags:
+            return None
+        problems = []
+        for tag in tags:
+            problem = verify_checkpoint(self.root / tag)
+            if problem is None:
+                if problems:
+                    self._warn(f"resuming from the newest intact checkpoint {self.root / tag}")
+                return tag
+            problems.append(problem)
+            self._warn(f"checkpoint {self.root / tag} is corrupt ({problem}); trying the one before it")
+        raise ValueError(
+            f"no intact checkpoint under {self.root} ({'; '.join(problems) or 'no step_* directory'}); "
+            "start without --resume, or restore the files from a copy"
+        )
+
+    def _warn(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def load(self, engine, tag: str) -> dict:
         """Load ``tag`` into ``engine`` (model, optimizer, scheduler) and restore this rank's RNG.
 
         Returns DeepSpeed's client state.
         """
-        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+        with weights_only_loads():
+            path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}; see the messages above")
         rng_file = self.root / tag / f"rng_rank_{self.rank:05d}.safetensors"

@@ -821,7 +821,7 @@ class Trainer:
         dist.barrier()
         step = 0
         if a.resume:
-            tag = ckpt.latest()
+            tag = ckpt.newest_intact()  # verified against its manifest; falls back past a corrupt one
             if tag is None:
                 if self.rank == 0:
                     print(f"--resume: no checkpoint under {ckpt.root}; starting from step 0", flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_meta, resolve_checkpoint
+from .checkpoint import read_meta, resolve_checkpoint, verify_checkpoint, weights_only_loads
 
 _MP_RE = re.compile(r"mp_rank_(\d+)")
 
@@ -32,20 +32,15 @@ def _gather_one(root: Path, tag: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 prints per-tensor progress; keep the export's output readable.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
         return {k: v.float() for k, v in sd.items()}
     # ZeRO-0 without a ZeRO/bf16 optimizer: the module weights are the fp32 weights.
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    import pickle
-
-    try:  # weights only: a crafted file cannot run code here
-        states = torch.load(files[0], map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{files[0]} holds more than tensors and plain values, so it is not read (loading it would "
-                         f"unpickle arbitrary objects); export a checkpoint written by littlebird-ds/DeepSpeed ({e})") from e
+    with weights_only_loads():  # a crafted file cannot run code here
+        states = torch.load(files[0], map_location="cpu")
     return {k: v.float() for k, v in states["module"].items()}
 
 
@@ -97,6 +92,9 @@ def load_checkpoint_model(ckpt: str | os.PathLike):
 
     root, tag = resolve_checkpoint(ckpt)
     tag_dir = root / tag
+    problem = verify_checkpoint(tag_dir)
+    if problem is not None:
+        raise ValueError(f"checkpoint {tag_dir} is corrupt: {problem}; export an earlier step_* directory of {root}")
     meta = read_meta(tag_dir)
     tp = int(meta.get("tensor_parallel", 1))
     # AutoConfig: a run may train a Hugging Face model too (the BERT teacher of `pretrain`).
