@@ -86,6 +86,52 @@ def test_load_json_list_and_records(tmp_path) -> None:
     assert load_qa_examples([rec])[0]["answers"] == {"text": ["cd"], "answer_start": [3]}
 
 
+def test_files_are_read_by_content_not_extension_and_parquet_through_datasets(tmp_path, monkeypatch) -> None:
+    """JSON Lines written by ``datasets``' ``to_json('x.json')`` (the extension says JSON), a
+    Parquet file, and SQuAD articles one per line all load as the same examples."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    flat = load_qa_examples(os.path.join(DATA, "qa_flat_sample.jsonl"))
+    ds = datasets.Dataset.from_list(flat)
+    ds.to_json(tmp_path / "from_datasets.json")  # JSON Lines under a .json name
+    ds.to_parquet(tmp_path / "qa.parquet")
+    assert load_qa_examples(tmp_path / "from_datasets.json") == flat
+    assert load_qa_examples(tmp_path / "qa.parquet") == flat
+    assert load_qa_examples(ds) == flat
+    squad = json.load(open(os.path.join(DATA, "qa_squad_v2_sample.json")))
+    (tmp_path / "articles.jsonl").write_text("\n".join(json.dumps(a) for a in squad["data"]) + "\n")
+    assert load_qa_examples(tmp_path / "articles.jsonl") == load_qa_examples(squad)
+
+
+def test_bad_qa_files_are_errors_that_name_the_file_the_record_and_the_field(tmp_path) -> None:
+    def error(content: str | bytes, name: str = "qa.json") -> str:
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError) as info:
+            load_qa_examples(path)
+        assert str(path) in str(info.value)
+        return str(info.value)
+
+    assert "is empty" in error("")
+    assert "not valid JSON: Expecting value at line 1 column 1" in error("nonsense")
+    assert "line 2: not valid JSON" in error('{"id": "a"}\n{"id": \n')
+    assert "not UTF-8" in error(b"\xff\xfe{}")
+    rec = {"id": "q7", "context": "ab cd", "question": "q?", "answers": [{"text": "cd"}]}
+    msg = error(json.dumps([rec]))
+    assert "record 0" in msg and "answers[0] lacks 'answer_start'" in msg
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": "ab cd", "qas": [
+        {"id": "q8", "question": "q?", "answers": [{"text": "cd", "answer_start": "x"}]}]}]}]}
+    msg = error(json.dumps(squad))
+    assert "data[0].paragraphs[0].qas[0] (id 'q8')" in msg and "'answer_start' must hold integers" in msg
+    assert "'answers' has 'text' but no 'answer_start'" in error(json.dumps([dict(rec, answers={"text": ["cd"]})]))
+    assert "record 1: expected an object" in error(json.dumps([dict(rec, answers={"text": ["cd"], "answer_start": [3]}), 5]))
+    assert "'cd' does not match" in error(json.dumps([dict(rec, answers={"text": ["cd"], "answer_start": [2]})]))
+    assert "not a readable Parquet file" in error("not parquet", "bad.parquet")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_qa_examples(tmp_path / "missing.json")
+
+
 def test_validation_errors_name_example_and_fix() -> None:
     good = {"id": "g1", "context": "Zomba was the capital.", "question": "What was Zomba?",
             "answers": {"text": ["the capital"], "answer_start": [10]}}

@@ -34,24 +34,53 @@ Example = dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
-def flatten_squad(squad: Mapping[str, Any]) -> list[Example]:
+def _answer_list(answers: Any, where: str) -> dict[str, list]:
+    """SQuAD-style ``[{text, answer_start}, ...]`` or ``{text: [...], answer_start: [...]}`` ->
+    the dict form, with a ``ValueError`` naming the record and the field for anything else."""
+    if isinstance(answers, list):
+        texts, starts = [], []
+        for j, a in enumerate(answers):
+            if not isinstance(a, Mapping) or "text" not in a or "answer_start" not in a:
+                missing = "an object" if not isinstance(a, Mapping) else \
+                    " and ".join(repr(k) for k in ("text", "answer_start") if k not in a)
+                raise ValueError(f"{where}: answers[{j}] lacks {missing}; every answer needs 'text' and "
+                                 "'answer_start' (a 0-based character offset into the context)")
+            texts.append(a["text"])
+            starts.append(a["answer_start"])
+    elif isinstance(answers, Mapping):
+        texts, starts = list(answers.get("text", [])), list(answers.get("answer_start", []))
+        if texts and "answer_start" not in answers:
+            raise ValueError(f"{where}: 'answers' has 'text' but no 'answer_start'; give one 0-based character "
+                             "offset into the context per answer text")
+    else:
+        raise ValueError(f"{where}: 'answers' must be a list of {{text, answer_start}} objects or an object "
+                         f"{{text: [...], answer_start: [...]}}, got {type(answers).__name__}")
+    try:
+        starts = [int(x) for x in starts]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: 'answer_start' must hold integers, got {starts!r}") from None
+    return {"text": texts, "answer_start": starts}
+
+
+def flatten_squad(squad: Mapping[str, Any], source: str = "SQuAD data") -> list[Example]:
     """Flatten SQuAD v1.1/v2 nested JSON (``data/paragraphs/qas``) into flat examples.
 
     Extra fields of a question (besides ``question``, ``answers``, ``is_impossible``,
     ``plausible_answers``) are copied onto the example; ``title`` comes from the article.
+    ``source`` names the data in errors (the file's path).
     """
     if "data" not in squad or not isinstance(squad["data"], list):
         raise ValueError(
-            "not SQuAD JSON: expected a top-level object with a 'data' list of articles "
-            "(data -> paragraphs -> qas); for flat records use a JSON list or JSONL file"
+            f"{source}: not SQuAD JSON: expected a top-level object with a 'data' list of articles "
+            "(data -> paragraphs -> qas); for flat records use a JSON list or JSON Lines"
         )
     examples: list[Example] = []
-    for article in squad["data"]:
+    for a, article in enumerate(squad["data"]):
         title = article.get("title", "")
-        for paragraph in article.get("paragraphs", []):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
             context = paragraph.get("context", "")
-            for qa in paragraph.get("qas", []):
-                answers = qa.get("answers", [])
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                where = f"{source}: data[{a}].paragraphs[{p}].qas[{q}] (id {qa.get('id', '')!r})"
                 example: Example = {
                     k: v for k, v in qa.items()
                     if k not in ("answers", "is_impossible", "plausible_answers")
@@ -61,33 +90,24 @@ def flatten_squad(squad: Mapping[str, Any]) -> list[Example]:
                     title=title,
                     context=context,
                     question=qa.get("question", ""),
-                    answers={
-                        "text": [a["text"] for a in answers],
-                        "answer_start": [int(a["answer_start"]) for a in answers],
-                    },
+                    answers=_answer_list(qa.get("answers", []), where),
                     is_impossible=bool(qa.get("is_impossible", False)),
                 )
                 examples.append(example)
     return examples
 
 
-def normalize_record(record: Mapping[str, Any]) -> Example:
+def normalize_record(record: Mapping[str, Any], where: str = "QA record") -> Example:
     """One flat record -> an example with ``answers`` as ``{text: [...], answer_start: [...]}``.
 
     Accepts ``answers`` as that dict or as a SQuAD-style list of ``{text, answer_start}``;
-    ``is_impossible`` defaults to "no answers given".
+    ``is_impossible`` defaults to "no answers given". ``where`` names the record in errors.
     """
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: expected an object with id, context, question and answers, "
+                         f"got {type(record).__name__}")
     example = dict(record)
-    answers = example.get("answers", {"text": [], "answer_start": []})
-    if isinstance(answers, list):
-        answers = {
-            "text": [a["text"] for a in answers],
-            "answer_start": [int(a["answer_start"]) for a in answers],
-        }
-    example["answers"] = {
-        "text": list(answers.get("text", [])),
-        "answer_start": [int(s) for s in answers.get("answer_start", [])],
-    }
+    example["answers"] = _answer_list(example.get("answers", {"text": [], "answer_start": []}), where)
     example["id"] = str(example.get("id", ""))
     example.setdefault("is_impossible", len(example["answers"]["text"]) == 0)
     example["is_impossible"] = bool(example["is_impossible"])
@@ -145,45 +165,85 @@ def validate_example(example: Mapping[str, Any]) -> None:
             )
 
 
+def read_qa_file(path: str | os.PathLike[str]) -> Any:
+    """The records of a QA file, whatever its extension says: SQuAD JSON (``{"data": [...]}``),
+    a JSON list of flat records, JSON Lines (flat records or SQuAD articles, one per line, as
+    ``datasets``' ``to_json`` writes them), or Parquet (``.parquet``, read with ``datasets``).
+
+    JSON is read with the standard library rather than ``datasets``' Arrow reader: that keeps
+    SQuAD's nesting and values exactly as written and lets errors give the line and column.
+    Every error is a ``ValueError`` (or ``FileNotFoundError``) that names the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"QA file {path} does not exist" + (" (it is a directory)" if os.path.isdir(path) else ""))
+    if path.endswith(".parquet"):
+        import datasets
+
+        try:
+            return datasets.Dataset.from_parquet(path, keep_in_memory=True).to_list()
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise ValueError(f"QA file {path} is not a readable Parquet file: {e}") from e
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"QA file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON or JSON Lines") from None
+    if not text.strip():
+        raise ValueError(f"QA file {path} is empty; expected SQuAD JSON, a JSON list of records, JSON Lines or Parquet")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":  # more than one JSON value: JSON Lines
+            raise ValueError(f"QA file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"QA file {path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 "JSON Lines needs one complete JSON object per line") from None
+    return {"data": rows} if rows and isinstance(rows[0], Mapping) and "paragraphs" in rows[0] else rows
+
+
 def load_qa_examples(
     source: str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Mapping[str, Any],
     *,
     validate: bool = True,
 ) -> list[Example]:
-    """Load QA examples from SQuAD JSON, a JSON list, JSONL, or in-memory records.
+    """Load QA examples from a file (:func:`read_qa_file`), a SQuAD dict, or in-memory records
+    (a list of flat records, a ``datasets.Dataset``).
 
     Args:
-        source: a path (``.json``: SQuAD nested ``{"data": [...]}`` or a list of flat records;
-            ``.jsonl``: one flat record per line, or one SQuAD article per line), a SQuAD dict,
-            or an iterable of flat records.
+        source: a path, a SQuAD dict, or an iterable of flat records.
         validate: run :func:`validate_example` on every example (and check ids are unique).
 
     Returns:
-        Flat examples (see the module docstring).
+        Flat examples (see the module docstring). Errors name the file and the record.
     """
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                rows = [json.loads(line) for line in f if line.strip()]
-                records: Any = (
-                    {"data": rows} if rows and "paragraphs" in rows[0] else rows
-                )
-            else:
-                records = json.load(f)
+        name = f"QA file {os.fspath(source)}"
+        records: Any = read_qa_file(source)
     else:
-        records = source
+        name, records = "QA data", source
     if isinstance(records, Mapping):
-        examples = [normalize_record(r) for r in flatten_squad(records)]
+        examples = [normalize_record(r, f"{name}, question {r.get('id', '')!r}")
+                    for r in flatten_squad(records, name)]
+    elif isinstance(records, (str, bytes)) or not isinstance(records, Iterable):
+        raise ValueError(f"{name}: expected SQuAD JSON (an object with 'data') or a list of records, "
+                         f"got {type(records).__name__}")
     else:
-        examples = [normalize_record(r) for r in records]
+        examples = [normalize_record(r, f"{name}, record {i}") for i, r in enumerate(records)]
     if validate:
         seen: set[str] = set()
         for example in examples:
-            validate_example(example)
+            try:
+                validate_example(example)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             if example["id"] in seen:
                 raise ValueError(
-                    f"QA example id {example['id']!r} occurs twice; ids must be unique "
+                    f"{name}: QA example id {example['id']!r} occurs twice; ids must be unique "
                     "because predictions are keyed by id"
                 )
             seen.add(example["id"])
