@@ -177,7 +177,7 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="summing to 1"):
         ClozeQAConfig(split_fractions=(0.5, 0.1, 0.1))
     with pytest.raises(ValueError, match="use lengths >= 97"):
-        ClozeQAConfig(lengths=(64,))
+        ClozeQAConfig(lengths=(64,), block_size=64)
     with pytest.raises(ValueError, match="'blank' or 'removed'"):
         ClozeQAConfig(style="question")
 
@@ -217,6 +217,43 @@ def test_write_and_cli(books, tokenizer, tmp_path, monkeypatch) -> None:
     cli_files = json.loads((cli_out / "manifest.json").read_text())["files"]
     assert cli_files == manifest["files"]
     assert (cli_out / "test-512.json").read_text() == (out / "test-512.json").read_text()
+
+
+def test_documents_shorter_than_the_longest_length_stop_with_the_count_and_the_fix(books, tokenizer, tmp_path) -> None:
+    """Validation/test questions are shared across lengths, so each must fit the longest one; on
+    documents that are all shorter the split would be empty. It is an error naming the split,
+    the documents' longest length and the fixes, and nothing is written."""
+    with pytest.raises(ValueError) as info:
+        write_cloze_qa(books, tokenizer, tmp_path / "qa", _config(lengths=(256, 8192)))
+    msg = str(info.value)
+    assert "split would have 0 questions at length 256, 8192" in msg and "document(s) have at most" in msg
+    assert "Lower --lengths" in msg and "--allow-short" in msg
+    assert not (tmp_path / "qa").exists()
+    made = make_cloze_qa(books, tokenizer, _config(lengths=(256, 8192), allow_short=True))
+    assert all(made.examples[s][n] for s in ("validation", "test") for n in (256, 8192))
+
+
+def test_make_qa_default_block_size_fits_every_preset_and_model_sets_it(books, tokenizer, tmp_path, monkeypatch) -> None:
+    """The default questions fit block 0 of the smallest preset (tiny, block 32), so the chain
+    make-qa -> finetune-qa --preset tiny works as documented; --model DIR takes the model's."""
+    from littlebird_ds.cli import main
+    from littlebird_ds.train.presets import LITTLEBIRD_PRESETS
+
+    assert ClozeQAConfig().block_size == min(a["block_size"] for a in LITTLEBIRD_PRESETS.values()) == 32
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    corpus = tmp_path / "books.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in books), encoding="utf-8")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "littlebird", "block_size": 16}))
+    common = ["make-qa", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--lengths", "256",
+              "--train-lengths", "256", "--questions-per-document", "3,3,3", "--id-field", "id"]
+    for name, extra, budget in (("default", [], 30), ("model", ["--model", str(tmp_path / "model")], 14)):
+        assert main([*common, "--output", str(tmp_path / name), *extra]) == 0
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["config"]["max_question_tokens"] == budget
+        questions = load_qa_examples(str(tmp_path / name / "test-256.json"))
+        assert questions and max(q["question_tokens"] for q in questions) <= budget
 
 
 def test_sentencepiece_style_tokenizer_counts_and_offsets(books) -> None:

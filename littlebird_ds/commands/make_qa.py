@@ -43,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train,validation,test fractions of documents (default 0.8,0.1,0.1)")
     parser.add_argument("--questions-per-document", type=_ints, default=(256, 100, 100),
                         help="most questions per document for train,validation,test (default 256,100,100)")
-    parser.add_argument("--block-size", type=int, default=64,
-                        help="model block size; questions must fit in block 0 (default 64)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="model block size; questions must fit in block 0 (default: --model's, else 32, "
+                             "the smallest preset block, so the questions fit every preset)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="the LittleBird model (a folder with config.json) the data is for: its block size "
+                             "is used unless --block-size is given")
     parser.add_argument("--max-question-tokens", type=int, default=None,
                         help="question budget in tokens (default block size - 2)")
     parser.add_argument("--style", choices=["blank", "removed"], default="blank",
@@ -58,6 +62,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="default 0")
 
 
+def _model_block_size(model: str | None) -> int:
+    from littlebird_ds.data.make_qa import ClozeQAConfig
+
+    if model is None:
+        return ClozeQAConfig.block_size
+    import json
+    import os
+
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model {model}: no config.json there; pass a model folder (e.g. a run's OUT/final)")
+    config = json.load(open(path, encoding="utf-8"))
+    if "block_size" not in config:
+        raise ValueError(f"--model {model}: its config.json has no block_size (not a LittleBird model); "
+                         "pass --block-size instead")
+    return int(config["block_size"])
+
+
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -65,13 +87,18 @@ def run(args: argparse.Namespace) -> int:
     from littlebird_ds.data.make_qa import ClozeQAConfig, write_cloze_qa
 
     if len(args.questions_per_document) != 3:
-        raise SystemExit("make-qa: --questions-per-document takes three numbers: train,validation,test")
+        raise ValueError("--questions-per-document takes three numbers: train,validation,test")
+    for flag, values in (("--lengths", args.lengths), ("--train-lengths", args.train_lengths),
+                         ("--questions-per-document", args.questions_per_document)):
+        if not values or min(values) < 1:
+            raise ValueError(f"{flag} {','.join(map(str, values))}: every value must be a positive integer")
+    block_size = args.block_size if args.block_size is not None else _model_block_size(args.model)
     config = ClozeQAConfig(
         lengths=args.lengths,
         train_lengths=args.train_lengths,
         split_fractions=args.split,
         seed=args.seed,
-        block_size=args.block_size,
+        block_size=block_size,
         max_question_tokens=args.max_question_tokens,
         questions_per_document=args.questions_per_document,
         style=args.style,

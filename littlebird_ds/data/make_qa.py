@@ -59,8 +59,9 @@ class ClozeQAConfig:
     """Fractions of documents in train/validation/test (each non-empty split gets >= 1 doc)."""
     seed: int = 0
     """Seed of the document split and of all sampling."""
-    block_size: int = 64
-    """The model's block size; questions fit in block 0."""
+    block_size: int = 32
+    """The model's block size; questions fit in block 0. The default, 32, is the smallest of
+    the presets' (``tiny``), so its questions fit in block 0 of every preset's model."""
     max_question_tokens: int | None = None
     """Question budget in tokens; default ``block_size - 2``."""
     questions_per_document: tuple[int, int, int] = (256, 100, 100)
@@ -467,7 +468,27 @@ def make_cloze_qa(
             docs, lengths, config.questions_per_document[k], name != "train", tokenizer,
             config, blank, stop,
         )
+        _check_not_empty(name, docs, result[name], config, name != "train")
     return ClozeQASets(examples=result, documents=split)
+
+
+def _check_not_empty(name: str, docs: Sequence[_Document], made: Mapping[int, list], config: ClozeQAConfig,
+                     shared: bool) -> None:
+    """Stop before anything is written when a split has no question at some length: say how
+    many documents it has, how long the longest is, and what to change."""
+    empty = [length for length, records in made.items() if not records]
+    if not empty:
+        return
+    longest = max((d.n_tokens for d in docs), default=0)
+    flag = "--lengths" if name != "train" else "--train-lengths"
+    why = (f"questions of the validation and test sets are shared across lengths, so each must fit "
+           f"the longest of {flag} ({max(made)} tokens)" if shared else f"contexts must reach {min(empty)} tokens")
+    raise ValueError(
+        f"the {name} split would have 0 questions at length {', '.join(map(str, empty))}: its {len(docs)} "
+        f"document(s) have at most {longest} tokens and {why}. Lower {flag} to at most about {longest}, "
+        "pass --allow-short to use whole shorter documents as contexts, or use a corpus of longer documents "
+        "(e.g. whole books rather than chapters)"
+    )
 
 
 def to_squad(records: Sequence[Mapping[str, Any]], version: str = "littlebird-cloze-1") -> dict:
