@@ -28,10 +28,19 @@ engine owns its process group and exits the process when done), with its output 
 ``OUT/<stage>/DONE.json`` exists, which is written atomically last. A failed or interrupted
 stage leaves no ``DONE.json``: rerunning the pipeline resumes there, and a training stage
 continues from its last checkpoint (saved every ``max(50, steps / 4)`` steps), not from step 0.
+
+Each stage records what its result depends on (``STAGE_SETTINGS``, the corpus, preset,
+teacher, seed and DeepSpeed config, and the stages it reads, ``STAGE_INPUTS``) in
+``INPUTS.json`` when it starts and as a fingerprint in ``DONE.json``. A rerun whose settings
+differ (``--set eval_lengths=...``) reruns that stage and every stage that reads it; the old
+folder is moved to ``OUT/stale/<stage>-<time>`` (nothing is deleted), and the changed values
+are printed. The launcher and the number of ranks are not inputs: with the same micro-batch
+they train the same model (launch/README.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -75,6 +84,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
+#: The preset settings each stage's result depends on, besides :data:`STAGE_INPUTS`.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("vocab_size",),
+    "teacher": ("teacher_steps", "teacher_length", "batch_size", "micro_batch_size", "lr", "validation_fraction"),
+    "distill": ("distill_steps", "distill_length", "distill_lr", "distill_dropout", "bialibi_init", "batch_size",
+                "micro_batch_size", "validation_fraction"),
+    "further": ("further_steps", "further_length", "batch_size", "micro_batch_size", "lr", "validation_fraction"),
+    "qa-data": ("eval_lengths", "qa_length", "questions_per_document"),
+    "qa": ("qa_steps", "qa_length", "qa_curriculum", "qa_pi_factor", "qa_pi_start_fraction", "qa_bialibi_lr_scale",
+           "qa_dropout", "batch_size", "micro_batch_size", "lr"),
+    "evaluate": ("eval_lengths",),
+}
+
+#: The stages whose results a stage reads: when one of them is rerun, so is the stage.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "tokenizer": (), "teacher": ("tokenizer",), "distill": ("tokenizer", "teacher"), "further": ("distill",),
+    "qa-data": ("tokenizer",), "qa": ("further", "qa-data"), "evaluate": ("qa", "qa-data"),
+}
+
+
 @dataclass
 class PipelineOptions:
     out: Path
@@ -109,6 +138,14 @@ def launcher_prefix(launcher: str) -> list[str]:
     return words + [module_flag, "littlebird_ds.cli"]
 
 
+class StageFailed(RuntimeError):
+    """A stage's child process failed; ``log_tail`` holds the end of its log."""
+
+    def __init__(self, message: str, log_tail: str):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
 class Pipeline:
     """Runs the stages in order; see the module docstring."""
 
@@ -126,15 +163,63 @@ class Pipeline:
     def dir(self, stage: str) -> Path:
         return self.out / stage
 
+    def inputs(self, stage: str) -> dict:
+        """What ``stage``'s result depends on: its settings, the run's options, and the
+        fingerprints of the stages it reads (so a change upstream reaches every stage after it)."""
+        options = {"corpus": self.o.corpus, "preset": self.o.preset, "teacher": self.o.teacher, "seed": self.o.seed}
+        if stage in TRAINING_STAGES:
+            options["deepspeed"] = self.o.deepspeed  # bf16 or fp32 (the ZeRO stage alone does not change results)
+        return {"settings": {k: self.s[k] for k in STAGE_SETTINGS.get(stage, ())}, "options": options,
+                "reads": {up: self.fingerprint(up) for up in STAGE_INPUTS.get(stage, ())
+                          if up != "teacher" or not self.o.teacher}}
+
+    def fingerprint(self, stage: str) -> str:
+        text = json.dumps(self.inputs(stage), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _recorded(self, stage: str) -> dict | None:
+        """The inputs a started or finished run of ``stage`` recorded (None: none recorded)."""
+        for name in ("DONE.json", "INPUTS.json"):
+            path = self.dir(stage) / name
+            if path.exists():
+                info = json.loads(path.read_text())
+                if "fingerprint" in info:
+                    return info
+        return None
+
+    def stale(self, stage: str) -> list[str] | None:
+        """The inputs of ``stage`` that changed since its folder was made (None: nothing changed,
+        or nothing was recorded, as in folders of versions before fingerprints)."""
+        info = self._recorded(stage)
+        if info is None or info["fingerprint"] == self.fingerprint(stage):
+            return None
+        old, new = info.get("inputs", {}), self.inputs(stage)
+        changed = [f"{k}: {old.get(group, {}).get(k)!r} -> {v!r}" for group in ("settings", "options")
+                   for k, v in new[group].items() if old.get(group, {}).get(k) != v
+                   and json.dumps(old.get(group, {}).get(k), default=str) != json.dumps(v, default=str)]
+        changed += [f"stage {up} reruns" for up, fp in new["reads"].items() if old.get("reads", {}).get(up) != fp]
+        return changed or ["recorded inputs differ"]
+
+    def _set_aside(self, stage: str, changed: list[str]) -> None:
+        """Move a stale stage's folder to ``OUT/stale/`` (nothing is deleted) before it reruns."""
+        to = self.out / "stale" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        to.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.dir(stage), to)
+        self.echo(f"stage {stage}: rerunning, its inputs changed ({'; '.join(changed)}); the old folder is {to}")
+
     def done(self, stage: str) -> bool:
-        """Finished before: ``DONE.json`` exists and, for the QA stages, names every QA run this
-        invocation asks for (a rerun with ``--ablations`` adds the comparisons to a finished
-        default run). The report is always rewritten: it is cheap and reads every stage."""
+        """Finished before with the same inputs: ``DONE.json`` exists, its fingerprint matches,
+        and, for the QA stages, it names every QA run this invocation asks for (a rerun with
+        ``--ablations`` adds the comparisons to a finished default run). The report is always
+        rewritten: it is cheap and reads every stage."""
         path = self.dir(stage) / "DONE.json"
         if stage == "report" or not path.exists():
             return False
+        info = json.loads(path.read_text())
+        if info.get("fingerprint", self.fingerprint(stage)) != self.fingerprint(stage):
+            return False
         if stage in ("qa", "evaluate"):
-            return set(self.qa_runs()) <= set(json.loads(path.read_text()))
+            return set(self.qa_runs()) <= set(info)
         return True
 
     def _run(self, stage: str, argv: list[str], *, train: bool = False, log_name: str = "log.txt") -> None:
@@ -153,10 +238,12 @@ class Pipeline:
             res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if res.returncode != 0:
             tail = (d / log_name).read_text().splitlines()[-25:]
-            raise RuntimeError(
-                f"stage {stage!r} failed (exit {res.returncode}); its log is {d / log_name}:\n" + "\n".join(tail)
-                + "\nfix the cause and rerun the same command: finished stages are kept"
-            )
+            said = [ln for ln in tail if ln.startswith("littlebird-ds ") and ": error: " in ln]
+            raise StageFailed(
+                f"stage {stage!r} failed (exit {res.returncode}"
+                + (f": {said[-1].split(': error: ', 1)[1]}" if said else "")
+                + f"); its log is {d / log_name}. Fix the cause and rerun the same command: finished stages are kept",
+                "\n".join(tail))
 
     def _wait_for(self, path: Path, what: str, finished: Callable[[], bool] | None = None) -> None:
         """Node > 0: wait until node 0 has written ``path`` (a stage's or a QA run's DONE.json;
@@ -173,10 +260,21 @@ class Pipeline:
                 announced = True
             time.sleep(1.0)
 
+    def _start(self, stage: str) -> None:
+        """Node 0, before a stage runs: set a stale folder aside, then record the inputs (so a
+        stage interrupted part-way is also recognised as stale if the settings change)."""
+        changed = self.stale(stage) if self.dir(stage).exists() else None
+        if changed:
+            self._set_aside(stage, changed)
+        if stage != "report":
+            atomic_write_json(self.dir(stage) / "INPUTS.json",
+                              {"fingerprint": self.fingerprint(stage), "inputs": self.inputs(stage)}, indent=2, default=str)
+
     def _finish(self, stage: str, info: dict) -> None:
         self.dir(stage).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.dir(stage) / "DONE.json", {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info},
-                          indent=2, default=str)
+        record = {"fingerprint": self.fingerprint(stage), "inputs": self.inputs(stage)} if stage != "report" else {}
+        atomic_write_json(self.dir(stage) / "DONE.json",
+                          {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info, **record}, indent=2, default=str)
 
     def _pretrain_data(self) -> list[str]:
         return ["--corpus", self.o.corpus, "--validation-fraction", str(self.s["validation_fraction"])]
@@ -361,9 +459,28 @@ class Pipeline:
                ("qa", self.stage_qa), ("evaluate", self.stage_evaluate), ("report", self.stage_report)]
         return st
 
+    def check_inputs(self) -> None:
+        """What can be checked before any stage runs: the corpus, the output folder, the files
+        the options name. A wrong one is a clear error here, not a failed child process later."""
+        from .data.corpus import BUILTIN_CORPORA
+
+        if not Path(self.o.corpus).exists() and self.o.corpus not in BUILTIN_CORPORA:
+            raise FileNotFoundError(f"--corpus {self.o.corpus} is neither an existing path nor a built-in corpus "
+                                    f"({', '.join(BUILTIN_CORPORA)}); pass a folder of .txt files, a .jsonl file "
+                                    "or a saved dataset")
+        if self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(f"--out {self.out} is a file; pass a folder for the stages")
+        if self.o.deepspeed and not Path(self.o.deepspeed).is_file():
+            raise FileNotFoundError(f"--deepspeed {self.o.deepspeed} does not exist; pass a DeepSpeed JSON config "
+                                    "(see ds_configs/)")
+        if self.o.teacher and self.o.teacher != "minilm" and not Path(self.o.teacher).is_dir():
+            raise FileNotFoundError(f"--teacher {self.o.teacher} is not a directory; pass a Hugging Face model "
+                                    "directory (with its tokenizer) or 'minilm'")
+
     def run(self) -> Path:
         from tqdm.auto import tqdm
 
+        self.check_inputs()
         self.out.mkdir(parents=True, exist_ok=True)
         worker = self.o.node_rank > 0
         if not worker:
@@ -388,6 +505,7 @@ class Pipeline:
                         fn()
                     self._wait_for(self.dir(name) / "DONE.json", f"stage {name}", lambda: self.done(name))
                 else:
+                    self._start(name)
                     info = fn()
                     self._finish(name, {**info, "seconds": round(time.time() - start, 1)})
                 bar.update(1)

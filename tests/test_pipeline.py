@@ -26,9 +26,10 @@ def corpus(tmp_path_factory):
 
 
 def _pipeline(out, corpus, *extra):
-    cmd = [sys.executable, "-m", "littlebird_ds.cli", "pipeline", "--out", str(out), "--corpus", str(corpus), *extra]
+    cmd = [sys.executable, "-m", "littlebird_ds.cli", "pipeline", "--out", str(out), "--corpus", str(corpus)]
     for s in TINY:
         cmd += ["--set", s]
+    cmd += extra  # after TINY: a --set here wins
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1500)
 
 
@@ -69,6 +70,19 @@ def test_pipeline_runs_every_stage_writes_a_report_and_resumes(corpus, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "--resume: continuing from step 4 of 4" in (out / "further" / "log.txt").read_text()
     assert (out / "further" / "DONE.json").exists()
+    # A changed setting reruns the stages that depend on it, and only those; their old folders are
+    # kept under OUT/stale/. The test sets are made at the new lengths, and the QA model retrains
+    # on the remade data.
+    before = {st: (out / st / "DONE.json").read_text() for st in ("tokenizer", "teacher", "distill", "further")}
+    res = _pipeline(out, corpus, "--set", "eval_lengths=256")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stage qa-data: rerunning, its inputs changed (eval_lengths: [256, 512] -> (256,))" in res.stdout + res.stderr
+    assert {st: (out / st / "DONE.json").read_text() for st in before} == before
+    assert (out / "qa-data" / "test-256.json").exists() and not (out / "qa-data" / "test-512.json").exists()
+    stale = sorted(p.name.rsplit("-", 2)[0] for p in (out / "stale").iterdir())
+    assert stale == ["evaluate", "qa", "qa-data"], stale
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["qa_f1_by_length"]["pretrained_pi"]) in ({"256"}, {256})
 
 
 def test_pipeline_with_the_minilm_teacher_skips_teacher_training_and_distills_on_clean_text(corpus, tmp_path):

@@ -46,12 +46,16 @@ def parse_overrides(items: list[str], preset: str) -> dict:
         if not sep or key not in PRESETS[preset]:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(PRESETS[preset])}")
         default = PRESETS[preset][key]
-        if isinstance(default, tuple):
-            out[key] = tuple(int(x) for x in value.split(","))
-        elif isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        else:
-            out[key] = type(default)(value)
+        try:
+            if isinstance(default, tuple):
+                out[key] = tuple(int(x) for x in value.split(","))
+            elif isinstance(default, bool):
+                out[key] = value.lower() in ("1", "true", "yes")
+            else:
+                out[key] = type(default)(value)
+        except ValueError:
+            kind = "comma-separated integers" if isinstance(default, tuple) else type(default).__name__
+            raise ValueError(f"--set {item!r}: {key} takes {kind} (the preset's value is {default!r})") from None
     return out
 
 
@@ -71,14 +75,20 @@ def node_rank(flag: int | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from littlebird_ds.pipeline import Pipeline, PipelineOptions
+    import sys
+
+    from littlebird_ds.pipeline import Pipeline, PipelineOptions, StageFailed
 
     opts = PipelineOptions(out=Path(args.out), corpus=args.corpus, language=args.language, preset=args.preset,
                            teacher=args.teacher, seed=args.seed, launcher=args.launcher, deepspeed=args.deepspeed,
                            ablations=args.ablations, node_rank=node_rank(args.node_rank),
                            node_wait_timeout=args.node_wait_timeout,
                            overrides=parse_overrides(args.set, args.preset))
-    report = Pipeline(opts).run()
+    try:
+        report = Pipeline(opts).run()
+    except StageFailed as e:  # the child's log first, then the one error line
+        print(e.log_tail, file=sys.stderr, flush=True)
+        raise SystemExit(str(e)) from None
     if opts.node_rank == 0:
         print(report.read_text())
     return 0
