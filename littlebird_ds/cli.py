@@ -88,6 +88,19 @@ def take_launcher_arguments(argv: list[str]) -> list[str]:
     return rest
 
 
+def _one_line(command: str, message: str) -> str:
+    """A command's ``SystemExit("...")`` message in the one error form:
+    ``littlebird-ds COMMAND: error: ...``."""
+    message = message.strip()
+    if message.startswith("littlebird-ds"):
+        return message
+    for prefix in (f"{command}: error: ", f"{command}: "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+            break
+    return f"littlebird-ds {command}: error: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = take_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv or os.environ.get("LITTLEBIRD_DEBUG", "") not in ("", "0")
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         if not isinstance(e.code, str):  # argparse's and finish_worker's exits keep their code
             raise
-        print(e.code, file=sys.stderr, flush=True)  # a command's own one-line error
+        print(_one_line(command, e.code), file=sys.stderr, flush=True)  # a command's own one-line error
         return 2
     return int(rc or 0)
 

@@ -438,7 +438,7 @@ def test_evaluate_qa_bad_inputs_write_nothing(kind, message, model_dir, tmp_path
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]  # after the weight-loading progress bar
-    assert message in last and last.startswith("evaluate-qa: error:"), err
+    assert message in last and last.startswith("littlebird-ds evaluate-qa: error:"), err
     assert not results.parent.exists()
 
 

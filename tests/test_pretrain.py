@@ -253,7 +253,7 @@ def test_error_tokenizer_dir_missing(slice_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["pretrain", "--tokenizer", str(tmp_path / "no-tok"), "--corpus", str(slice_dir / "corpus")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pretrain: error: tokenizer directory"), err
+    assert len(err) == 1 and err[0].startswith("littlebird-ds pretrain: error: tokenizer directory"), err
 
 
 def test_error_max_length_beyond_bert_positions(slice_dir, tmp_path):

@@ -40,11 +40,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import torch
 
     from littlebird_ds.train.qa_eval import evaluate_files, format_table, load_model_and_tokenizer, write_results
 
     paths = [p for p in args.data.split(",") if p.strip()]
+    for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
+                        ("--max-answer-tokens", args.max_answer_tokens), ("--batch-tokens", args.batch_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1")
+    if not 0 <= args.stride < args.max_length:
+        raise ValueError(f"--stride {args.stride} must be >= 0 and below --max-length {args.max_length}")
+    if os.path.isdir(args.out):
+        raise IsADirectoryError(f"--out {args.out} is a folder; pass the results file to write, e.g. {args.out}/results.json")
+    if not paths:
+        raise ValueError("--data names no file; pass FILE[,FILE...]")
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
         model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -81,6 +81,8 @@ def _model_block_size(model: str | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from transformers import AutoTokenizer
 
     from littlebird_ds.data.corpus import load_corpus
@@ -107,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         allow_short=args.allow_short,
         extra={"corpus": str(args.corpus)},
     )
+    if not os.path.isdir(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer} is not a folder; pass the OUTPUT of "
+                                "`littlebird-ds train-tokenizer` or a model folder saved with its tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     documents = load_corpus(args.corpus, text_field=args.text_field, id_field=args.id_field)
     manifest = write_cloze_qa(documents, tokenizer, args.output, config)

@@ -37,12 +37,15 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from littlebird_ds.data.corpus import Document, iter_corpus
+from littlebird_ds.utils.io import TMP_PREFIX
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -290,7 +293,29 @@ def train_tokenizer(
         num_threads=num_threads, seed=seed,
     )
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {out} is a file; pass a directory to write the tokenizer to")
+    # Built in a temporary folder beside OUTPUT and moved into place at the end: a bad corpus
+    # or setting leaves OUTPUT as it was (absent, or an earlier tokenizer).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + out.name + "-", dir=out.parent))
+    try:
+        _train_into(tmp, corpus, recipe, text_field, spm)
+        out.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _train_into(out: Path, corpus, recipe: TokenizerRecipe, text_field: str, spm) -> None:
+    vocab_size, model_type, character_coverage = recipe.vocab_size, recipe.model_type, recipe.character_coverage
+    byte_fallback, input_sentence_size = recipe.byte_fallback, recipe.input_sentence_size
+    shuffle_input_sentence, max_sentence_length = recipe.shuffle_input_sentence, recipe.max_sentence_length
+    normalization_rule_name, split_digits = recipe.normalization_rule_name, recipe.split_digits
+    num_threads, seed, model_max_length = recipe.num_threads, recipe.seed, recipe.model_max_length
+    user_defined_symbols = recipe.user_defined_symbols
 
     if isinstance(corpus, (str, os.PathLike)):
         docs: Iterable[Document | str] = iter_corpus(corpus, text_field=text_field)
@@ -347,4 +372,3 @@ def train_tokenizer(
     # transformers 5 keeps these in tokenizer_config.json only; older readers look here.
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
     (out / "tokenizer_recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n", encoding="utf-8")
-    return out

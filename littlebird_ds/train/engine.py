@@ -182,10 +182,20 @@ def normalize_training_args(args):
     if int(getattr(args, "max_steps", 1)) < 1:
         raise ValueError(f"--max-steps {args.max_steps} must be >= 1: a training run that trains no step "
                          "writes no model")
-    for name in ("batch_size", "grad_accum", "global_batch_size"):
+    for name in ("batch_size", "grad_accum", "global_batch_size", "log_every", "keep_checkpoints"):
         value = getattr(args, name, None)
         if value is not None and int(value) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    for name in ("warmup_steps", "save_every", "eval_every", "weight_decay"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 0")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (0 < lr < float("inf")):
+        raise ValueError(f"--lr {lr} must be a positive number")
+    ratio = getattr(args, "min_lr_ratio", None)
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise ValueError(f"--min-lr-ratio {ratio} must be between 0 and 1 (a fraction of --lr)")
     return args
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -308,6 +309,9 @@ def build_qa_model_factory(model_dir: str | None, preset: str | None, tokenizer:
     vocab = len(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model_dir is not None:
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise FileNotFoundError(f"--model {model_dir} holds no model (no config.json); pass a LittleBird model "
+                                    "folder such as a pretrain or distill run's OUT/final")
         config = LittleBirdConfig.from_pretrained(model_dir)
         if config.vocab_size < vocab:
             raise ValueError(
@@ -375,6 +379,10 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
     for flag, path in [("--train", args.train), *[("--validation", p) for p in _split_paths(args.validation)]]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist; pass a SQuAD-format JSON or JSONL file")
+    for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag} {path} is not a folder; pass a model folder saved with its tokenizer "
+                                    "(e.g. a pretrain run's OUT/final) or a `littlebird-ds train-tokenizer` OUTPUT")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, use_fast=True)
     factory, config = build_qa_model_factory(args.model, args.preset, tokenizer, args.random_init,
                                              getattr(args, "bialibi_global_keys", None), getattr(args, "dropout", None))
