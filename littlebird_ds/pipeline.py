@@ -169,6 +169,8 @@ class Pipeline:
         options = {"corpus": self.o.corpus, "preset": self.o.preset, "teacher": self.o.teacher, "seed": self.o.seed}
         if stage in TRAINING_STAGES:
             options["deepspeed"] = self.o.deepspeed  # bf16 or fp32 (the ZeRO stage alone does not change results)
+        if stage in ("qa", "evaluate"):
+            options["language"] = self.o.language  # picks the articles the EM/F1 normaliser drops
         return {"settings": {k: self.s[k] for k in STAGE_SETTINGS.get(stage, ())}, "options": options,
                 "reads": {up: self.fingerprint(up) for up in STAGE_INPUTS.get(stage, ())
                           if up != "teacher" or not self.o.teacher}}
@@ -417,7 +419,7 @@ class Pipeline:
                     "--validation", val, "--max-length", str(s["qa_length"])]
             if s.get("qa_curriculum"):
                 argv += ["--curriculum", s["qa_curriculum"]]
-            argv += ["--dropout", str(s["qa_dropout"])]
+            argv += ["--dropout", str(s["qa_dropout"]), "--language", self.o.language]
             if "--no-padding-insertion" not in model_args:  # the longest Padding Insertion target, x stage length
                 argv += ["--pi-factor", str(s["qa_pi_factor"])]
                 if s["qa_pi_start_fraction"] > 0:  # a warm-up on plain short contexts first
@@ -441,7 +443,7 @@ class Pipeline:
             res = self.dir("evaluate") / f"{name}.json"
             if not res.exists():
                 self._run("evaluate", ["evaluate-qa", "--model", str(self.dir("qa") / name / "final"), "--data", files,
-                                       "--out", str(res)], log_name=f"{name}.log")
+                                       "--language", self.o.language, "--out", str(res)], log_name=f"{name}.log")
             results[name] = str(res)
         return results
 

@@ -56,6 +56,23 @@ def test_hand_checked_values() -> None:
     assert score_prediction("in 1754", ["1754", "in 1754 and 1763"]) == pytest.approx((0.0, 2 / 3))
 
 
+def test_articles_are_dropped_only_in_languages_that_have_them() -> None:
+    """"a" is a Chichewa word (the possessive in "ana a Mulungu", children of God): scoring
+    Chichewa with SQuAD's English rule would drop it and call a wrong span exact."""
+    assert normalize_answer("ana a Mulungu", "nya") == "ana a mulungu"
+    assert normalize_answer("ana a Mulungu") == normalize_answer("ana a Mulungu", "en") == "ana mulungu"
+    assert exact_match_score("ana Mulungu", "ana a Mulungu", "en") == 1.0
+    assert exact_match_score("ana Mulungu", "ana a Mulungu", "nya") == 0.0
+    assert f1_score("ana Mulungu", "ana a Mulungu", "nya") == pytest.approx(0.8)
+    assert score_prediction("a", ["a"], "nya") == (1.0, 1.0)  # a one-word answer "a" scores
+    assert score_prediction("a", ["a"], "en") == (1.0, 0.0)  # SQuAD v1.1: both empty, no overlap
+    assert normalize_answer("La casa", "es") == normalize_answer("casa", "spa") == "casa"
+    assert normalize_answer("Das Haus", "de") == "haus" and normalize_answer("Das Haus", "nya") == "das haus"
+    examples = [{"id": "1", "context": "ana a Mulungu", "answers": {"text": ["ana a Mulungu"], "answer_start": [0]}}]
+    assert evaluate_predictions(examples, {"1": "ana Mulungu"}, language="nya")["exact_match"] == 0.0
+    assert evaluate_predictions(examples, {"1": "ana Mulungu"})["exact_match"] == 100.0
+
+
 def test_matches_torchmetrics_on_tricky_cases() -> None:
     from torchmetrics.functional.text.squad import squad
 

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per batch (default 32768)")
     parser.add_argument("--max-examples", type=int, default=None, metavar="N",
                         help="score only N questions of each file, spread evenly through it")
+    parser.add_argument("--language", default="en", metavar="CODE",
+                        help="language of the answers: en (default) drops SQuAD's articles a/an/the before scoring; "
+                             "es, de, vi drop theirs; any other code (e.g. nya) drops none")
     parser.add_argument("--truncate-question", action="store_true",
                         help="cut questions longer than block 0 (with a warning) instead of failing")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -64,11 +67,11 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, paths, max_examples=args.max_examples, max_length=args.max_length,
             stride=args.stride, version_2=args.version_2, null_score_diff_threshold=args.null_threshold,
             max_answer_tokens=args.max_answer_tokens, truncate_question=args.truncate_question,
-            max_tokens_per_batch=args.batch_tokens,
+            max_tokens_per_batch=args.batch_tokens, language=args.language,
         )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"evaluate-qa: error: {e}") from None
-    results = {"model": str(args.model), "version_2": bool(args.version_2), **results}
+    results = {"model": str(args.model), "version_2": bool(args.version_2), "language": args.language, **results}
     write_results(args.out, results)
     print(format_table(results))
     print(f"predictions and metrics written to {args.out}")

@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (stages in subfolders)")
     p.add_argument("--corpus", default="chichewa-bible",
                    help="a folder of .txt files, a .jsonl file or folder, a saved datasets folder, or 'chichewa-bible'")
-    p.add_argument("--language", default="nya", help="language code, recorded in the report (default nya)")
+    p.add_argument("--language", default="nya",
+                   help="language code of the corpus (default nya): recorded in the report, and it picks the articles "
+                        "the EM/F1 normaliser drops (en: a/an/the; nya and most others: none)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
     p.add_argument("--teacher", default=None, help="an existing HF teacher directory, or 'minilm' (skips teacher "
                                                    "pretraining; its tokenizer becomes the pipeline's)")

@@ -9,6 +9,12 @@ Unanswerable questions (SQuAD v2: ``is_impossible`` or no gold answers) follow
 ``evaluate-v2.0.py``: the gold answer is the empty string, so a prediction scores EM = F1 = 1
 exactly when it normalises to the empty string, else 0.
 
+The articles are English ones, and removing them is right only for English: ``a`` is a word in
+Chichewa (the possessive "of", as in *mwana wa* / *ana a*), so stripping it changes EM and F1.
+Every function here takes ``language``: ``"en"`` (the default, SQuAD's rules) strips
+a/an/the; ``es``, ``de`` and ``vi`` strip their articles as MLQA's evaluation does; any other
+language strips none (:data:`ARTICLES`).
+
 Scores in the dicts returned here are percentages (0-100), as the official scripts print them.
 Every summary also carries a 95% bootstrap interval of its EM and F1 (``exact_match_ci95``,
 ``f1_ci95``: percentile bootstrap over questions, 2,000 resamples, fixed seed), so two models
@@ -21,33 +27,54 @@ import collections
 import re
 import string
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _PUNCTUATION = frozenset(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+#: Articles the normaliser drops, by language: English as SQuAD's script, Spanish, German and
+#: Vietnamese as MLQA's. A language not listed drops none. ISO 639-3 codes map to these too.
+ARTICLES: dict[str, tuple[str, ...]] = {
+    "en": ("a", "an", "the"),
+    "es": ("un", "una", "unos", "unas", "el", "la", "los", "las"),
+    "de": ("ein", "eine", "einen", "einem", "eines", "einer", "der", "die", "das", "des", "dem", "den"),
+    "vi": ("của", "là", "cái", "chiếc", "những"),
+}
+_ISO3 = {"eng": "en", "spa": "es", "deu": "de", "ger": "de", "vie": "vi"}
+_ARTICLE_RES: dict[str, re.Pattern | None] = {}
+
+
+def _articles(language: str) -> re.Pattern | None:
+    language = (language or "").lower()
+    if language not in _ARTICLE_RES:
+        words = ARTICLES.get(_ISO3.get(language, language))
+        _ARTICLE_RES[language] = re.compile(r"\b(" + "|".join(words) + r")\b", re.UNICODE) if words else None
+    return _ARTICLE_RES[language]
 
 #: Upper edges (in tokens) of the default context-length buckets.
 DEFAULT_BUCKET_EDGES: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
 
 
-def normalize_answer(s: str) -> str:
-    """Lowercase, remove punctuation, articles and extra whitespace (official SQuAD order)."""
+def normalize_answer(s: str, language: str = "en") -> str:
+    """Lowercase, remove punctuation, the language's articles and extra whitespace (official
+    SQuAD order; ``language`` picks the articles, see :data:`ARTICLES`)."""
     s = s.lower()
     s = "".join(ch for ch in s if ch not in _PUNCTUATION)
-    s = _ARTICLES.sub(" ", s)
+    articles = _articles(language)
+    if articles is not None:
+        s = articles.sub(" ", s)
     return " ".join(s.split())
 
 
-def exact_match_score(prediction: str, ground_truth: str) -> float:
+def exact_match_score(prediction: str, ground_truth: str, language: str = "en") -> float:
     """1.0 if the normalised strings are equal, else 0.0 (SQuAD v1.1)."""
-    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+    return float(normalize_answer(prediction, language) == normalize_answer(ground_truth, language))
 
 
-def f1_score(prediction: str, ground_truth: str) -> float:
+def f1_score(prediction: str, ground_truth: str, language: str = "en") -> float:
     """Token-overlap F1 of the normalised strings (SQuAD v1.1: 0.0 when nothing overlaps)."""
-    prediction_tokens = normalize_answer(prediction).split()
-    ground_truth_tokens = normalize_answer(ground_truth).split()
+    prediction_tokens = normalize_answer(prediction, language).split()
+    ground_truth_tokens = normalize_answer(ground_truth, language).split()
     common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
     num_same = sum(common.values())
     if num_same == 0:
@@ -57,25 +84,18 @@ def f1_score(prediction: str, ground_truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def metric_max_over_ground_truths(
-    metric_fn: Callable[[str, str], float], prediction: str, ground_truths: Iterable[str]
-) -> float:
-    """Best score of ``prediction`` against any gold answer (SQuAD v1.1)."""
-    return max(metric_fn(prediction, gt) for gt in ground_truths)
-
-
-def score_prediction(prediction: str, gold_answers: Sequence[str]) -> tuple[float, float]:
+def score_prediction(prediction: str, gold_answers: Sequence[str], language: str = "en") -> tuple[float, float]:
     """(EM, F1) in [0, 1] for one question.
 
     ``gold_answers`` empty means the question is unanswerable: the prediction must then be
     empty after normalisation (SQuAD v2). Otherwise the SQuAD v1.1 max over gold answers.
     """
     if not gold_answers:
-        correct = float(normalize_answer(prediction) == "")
+        correct = float(normalize_answer(prediction, language) == "")
         return correct, correct
     return (
-        metric_max_over_ground_truths(exact_match_score, prediction, gold_answers),
-        metric_max_over_ground_truths(f1_score, prediction, gold_answers),
+        max(exact_match_score(prediction, gt, language) for gt in gold_answers),
+        max(f1_score(prediction, gt, language) for gt in gold_answers),
     )
 
 
@@ -154,6 +174,7 @@ def evaluate_predictions(
     predictions: Mapping[str, str | Mapping[str, Any]],
     *,
     bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES,
+    language: str = "en",
 ) -> dict[str, Any]:
     """Score predictions against QA examples; the entry point of the ``evaluate-qa`` command.
 
@@ -165,6 +186,8 @@ def evaluate_predictions(
             (the output of :func:`littlebird_ds.data.qa.postprocess_predictions`).
             ``""`` predicts "no answer".
         bucket_edges: token edges of the length buckets for examples without ``target_length``.
+        language: the answers' language, which picks the articles the normaliser drops
+            (``"en"``: SQuAD's a/an/the; a language without articles listed drops none).
 
     Returns:
         ``{"exact_match", "f1", "total", "exact_match_ci95", "f1_ci95", "missing", "HasAns": {...},
@@ -185,7 +208,7 @@ def evaluate_predictions(
         if qid in predictions:
             pred = predictions[qid]
             text = pred["text"] if isinstance(pred, Mapping) else pred
-            em, f1 = score_prediction(text, gold)
+            em, f1 = score_prediction(text, gold, language)
         else:
             missing.append(qid)
             em, f1 = 0.0, 0.0

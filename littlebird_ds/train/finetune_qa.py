@@ -401,7 +401,7 @@ def finetune_qa(args: argparse.Namespace) -> dict[str, Any]:
             stage_rows[length] = train_features(train_examples, tokenizer, max_length=length, stride=args.stride,
                                                 block_size=block, truncate_question=args.truncate_question)
     val_paths = _split_paths(args.validation)
-    eval_kwargs = dict(max_length=args.eval_max_length, stride=args.stride, version_2=version_2,
+    eval_kwargs = dict(language=getattr(args, "language", "en"), max_length=args.eval_max_length, stride=args.stride, version_2=version_2,
                        truncate_question=args.truncate_question, max_examples=args.max_eval_examples)
     for path in val_paths:
         # Validates the file and every question's length, so a bad file fails now, not at the end.
@@ -488,5 +488,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="SQuAD v2 (no-answer predictions); on automatically when the training data has them")
     g.add_argument("--truncate-question", action="store_true",
                    help="cut questions longer than block 0 (with a warning) instead of failing")
+    g.add_argument("--language", default="en", metavar="CODE",
+                   help="language of the answers, for the validation EM/F1: en (default) drops SQuAD's articles "
+                        "a/an/the; es, de, vi drop theirs; any other code (e.g. nya) drops none")
     return parser
 

@@ -174,9 +174,11 @@ def predict_examples(
 def evaluate_examples(
     model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]], **kwargs: Any
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """``(predictions, metrics)``: :func:`predict_examples` then ``evaluate_predictions``."""
+    """``(predictions, metrics)``: :func:`predict_examples` then ``evaluate_predictions``
+    (``language=`` goes to the latter: it picks the articles the SQuAD normaliser drops)."""
+    language = kwargs.pop("language", "en")
     predictions = predict_examples(model, tokenizer, examples, **kwargs)
-    return predictions, evaluate_predictions(examples, predictions)
+    return predictions, evaluate_predictions(examples, predictions, language=language)
 
 
 def _label(path: str, examples: Sequence[Mapping[str, Any]]) -> str:
