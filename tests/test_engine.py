@@ -273,6 +273,30 @@ def test_a_crafted_pickle_in_a_checkpoint_runs_nothing_through_resume_or_export(
     assert "Traceback" not in p.stderr and not marker.exists() and not (tmp_path / "exported").exists()
 
 
+def test_rewind_on_nonfinite_skips_an_isolated_spike_and_stops_when_spikes_return(tmp_path):
+    """Samples 8 and 9 (step 5, in order, batch 2) make the loss NaN. With one rewind allowed the
+    run goes back to its step-4 checkpoint, skips step 5's data and finishes with finite losses
+    and a final model; steps 1-4 are those of the clean run. With a second spike (sample 10, the
+    data the rewound run reads next) it stops without a final model."""
+    base = ["--batch-size", "2", "--save-every", "2", "--no-shuffle"]
+    clean = _losses(_run([sys.executable, str(WORKER), *_common(tmp_path / "clean", *base, steps=8)]).stdout)
+    p = _run([sys.executable, str(WORKER), *_common(tmp_path / "spike", *base, "--poison-samples", "8",
+                                                    "--rewind-on-nonfinite", "1", steps=8)])
+    losses = _losses(p.stdout)
+    assert sorted(losses) == list(range(1, 9)) and all(v == v and abs(v) != float("inf") for v in losses.values())
+    assert {s: losses[s] for s in range(1, 5)} == {s: clean[s] for s in range(1, 5)}
+    assert "rewound to" in p.stderr and "step 4" in p.stderr
+    records = [json.loads(line) for line in (tmp_path / "spike" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 5, "rewound_to": 4, "data_skipped_steps": 1} .items() <= next(r for r in records if "rewound_to" in r).items()
+    assert (tmp_path / "spike" / "final" / "model.safetensors").is_file()
+    meta = json.loads((tmp_path / "spike" / "checkpoints" / "step_00000008" / "littlebird_checkpoint.json").read_text())
+    assert meta["step"] == 8
+    p = _run([sys.executable, str(WORKER), *_common(tmp_path / "again", *base, "--poison-samples", "8,10",
+                                                    "--rewind-on-nonfinite", "1", steps=8)], check=False)
+    assert p.returncode != 0 and "after every --rewind-on-nonfinite rewind" in p.stderr
+    assert not (tmp_path / "again" / "final").exists()
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():

@@ -148,6 +148,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         "run's evaluations compare with (default on)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="keep the last K checkpoints")
+    g.add_argument("--rewind-on-nonfinite", type=int, default=0, metavar="N",
+                   help="on a non-finite loss, reload the last checkpoint and skip the data of the steps since it "
+                        "(the bad one included), then go on; at most N times per run (default 0: stop at once, no "
+                        "final model). What large-scale trainers do for isolated loss spikes; a run that diverges "
+                        "again after N rewinds stops")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (overrides the ds_config)")
     g.add_argument("--release-memory", action="store_true",
@@ -186,7 +191,7 @@ def normalize_training_args(args):
         value = getattr(args, name, None)
         if value is not None and int(value) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
-    for name in ("warmup_steps", "save_every", "eval_every", "weight_decay"):
+    for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "rewind_on_nonfinite"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 0")
@@ -768,7 +773,8 @@ class Trainer:
     def _client_state(self, step: int) -> dict:
         return {
             "step": step,
-            "micro_steps": step * self.grad_accum,  # global micro-steps consumed: the data position
+            "micro_steps": (step + self.data_skip) * self.grad_accum,  # global micro-steps consumed: the data position
+            "data_skip": self.data_skip,  # optimizer steps' worth of data skipped by rewinds (--rewind-on-nonfinite)
             "seed": self.args.seed,
             "tensor_parallel": self.tp,
             "sequence_parallel": self.sp,
@@ -830,6 +836,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         step = 0
+        self.data_skip = 0  # steps' worth of data passed over by rewinds; saved with every checkpoint
         if a.resume:
             tag = ckpt.newest_intact()  # verified against its manifest; falls back past a corrupt one
             if tag is None:
@@ -839,6 +846,7 @@ class Trainer:
                 self._check_resumable(ckpt.root / tag)
                 client = ckpt.load(self.engine, tag)
                 step = int(client["step"])
+                self.data_skip = int(client.get("data_skip", 0))
                 if self.rank == 0:
                     print(f"--resume: continuing from step {step} of {a.max_steps} ({ckpt.root / tag})", flush=True)
         ckpt.clean_stale()
@@ -848,7 +856,8 @@ class Trainer:
         logger = _Logger(self.out, self.rank, resumed_at=step)
         if step == 0 and self.eval_fn is not None and getattr(a, "eval_at_start", True):
             self._evaluate(0, logger)  # the initial model: the baseline of every later evaluation
-        it = self._batch_factory()(step * self.grad_accum, self.dp_rank, self.dp_size)
+        it = self._batch_factory()((step + self.data_skip) * self.grad_accum, self.dp_rank, self.dp_size)
+        rewinds_left = int(getattr(a, "rewind_on_nonfinite", 0) or 0)
         result = TrainResult(step=step, checkpoint_dir=ckpt.root)
         bar = _progress(self.rank, a.max_steps, step)
         last_saved = step if a.resume and step > 0 else -1
@@ -862,7 +871,7 @@ class Trainer:
                     # The data's random draws (made as the iterator collates) and dropout come from
                     # generators seeded by the global micro-batch index: the same for one process
                     # with --grad-accum g*dp as for dp ranks with --grad-accum g.
-                    micro = (step * self.grad_accum + k) * self.dp_size + self.dp_rank
+                    micro = ((step + self.data_skip) * self.grad_accum + k) * self.dp_size + self.dp_rank
                     seed_micro_batch(a.seed, micro)
                     batch = _to_device(next(it), self.device)
                     loss, metrics = self.loss_fn(self.engine, batch)
@@ -880,14 +889,35 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 loss_val = float(vals[0]) / (self.grad_accum * self.dp_size)
                 result.losses[step] = loss_val
-                if not math.isfinite(loss_val):  # the same value on every rank: all stop together
+                if not math.isfinite(loss_val):  # the same value on every rank: all act together
+                    good = ckpt.latest()
+                    if rewinds_left > 0 and good is not None:
+                        # PaLM-style: back to the last good state, past the data that led to the spike.
+                        rewinds_left -= 1
+                        back_to = int(ckpt.load(self.engine, good)["step"])
+                        self.data_skip += step - back_to
+                        logger.log({"step": step, "loss": loss_val, "lr": lr, "rewound_to": back_to,
+                                    "data_skipped_steps": step - back_to})
+                        if self.rank == 0:
+                            print(f"warning: the loss is {loss_val} at step {step}: rewound to {ckpt.root / good} "
+                                  f"(step {back_to}), skipping the data of {step - back_to} step(s); "
+                                  f"{rewinds_left} rewind(s) left", file=sys.stderr, flush=True)
+                        step = back_to
+                        for later in [k for k in result.losses if k > step]:  # replayed on other data
+                            del result.losses[later]
+                        it = self._batch_factory()((step + self.data_skip) * self.grad_accum, self.dp_rank,
+                                                   self.dp_size)
+                        bar.n = step
+                        bar.refresh()
+                        continue
                     logger.log({"step": step, "loss": loss_val, "lr": lr})
                     logger.close()
+                    rewound = " after every --rewind-on-nonfinite rewind" if getattr(a, "rewind_on_nonfinite", 0) else ""
                     raise TrainingDiverged(
-                        f"training diverged: the loss is {loss_val} at step {step} (lr {lr:g}); no final model is "
-                        f"written, the last good checkpoint is {ckpt.latest() or 'none (no checkpoint saved yet)'} "
+                        f"training diverged: the loss is {loss_val} at step {step} (lr {lr:g}){rewound}; no final "
+                        f"model is written, the last good checkpoint is {good or 'none (no checkpoint saved yet)'} "
                         f"under {ckpt.root}; lower --lr or add --warmup-steps, then rerun (with --resume to "
-                        "continue from that checkpoint)")
+                        "continue from that checkpoint; --rewind-on-nonfinite N skips isolated spikes)")
                 if step % max(1, a.log_every) == 0 or step == a.max_steps:
                     record = {"step": step, "loss": loss_val, "lr": lr,
                               "tokens_per_s": float(vals[1]) / max(dt, 1e-9)}

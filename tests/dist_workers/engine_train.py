@@ -9,6 +9,10 @@ Run under torchrun / deepspeed / accelerate, or alone. Extra flags for the tests
                          written and before the commit rename
   --dump-logits          after training, write OUT/ref_logits.pt: the trained model's logits
                          on a fixed input (computed through the DeepSpeed engine)
+  --poison-samples I,J   samples I, J, ... make the loss NaN (an isolated spike in the data);
+                         with --no-shuffle, step s of one process at --batch-size 2 reads
+                         samples 2(s-1) and 2(s-1)+1
+  --no-shuffle           read the samples in order
 """
 
 import argparse
@@ -33,6 +37,8 @@ class RandomMLM(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
+    poison: frozenset = frozenset()
+
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(1000 + i)
         ids = torch.randint(5, 25, (SEQ,), generator=g)  # a skewed unigram distribution: learnable in a few steps
@@ -44,7 +50,10 @@ class RandomMLM(torch.utils.data.Dataset):
         chosen[1] = True  # at least one target per sequence
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
         inputs = torch.where(chosen, torch.full_like(ids, MASK_ID), ids)
-        return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+        item = {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+        if self.poison:
+            item["poison"] = torch.tensor(i in self.poison)
+        return item
 
 
 def main():
@@ -55,6 +64,8 @@ def main():
     p.add_argument("--step-delay", type=float, default=0.0)
     p.add_argument("--crash-in-save-at", type=int, default=0)
     p.add_argument("--dump-logits", action="store_true")
+    p.add_argument("--poison-samples", default="")
+    p.add_argument("--no-shuffle", action="store_true")
     args = p.parse_args()
 
     if args.crash_in_save_at:
@@ -74,16 +85,20 @@ def main():
     def loss_fn(model, batch):
         if args.step_delay:
             time.sleep(args.step_delay)
+        poison = batch.pop("poison", None)
         out = model(**batch)
-        return out.loss, {"masked": float((batch["labels"] != -100).sum())}
+        loss = out.loss * float("nan") if poison is not None and bool(poison.any()) else out.loss
+        return loss, {"masked": float((batch["labels"] != -100).sum())}
 
     def eval_fn(model, step):
         batch = RandomMLM(4)[0]
+        batch.pop("poison", None)
         out = model(**{k: v.unsqueeze(0) for k, v in batch.items()})
         return {"loss": float(out.loss)}
 
+    RandomMLM.poison = frozenset(int(x) for x in args.poison_samples.split(",") if x)
     trainer = Trainer(args, model_factory=model_factory, loss_fn=loss_fn, train_dataset=RandomMLM(args.n_samples),
-                      eval_fn=eval_fn)
+                      eval_fn=eval_fn, shuffle=not args.no_shuffle)
     result = trainer.fit()
     if args.dump_logits:
         engine = trainer.engine
