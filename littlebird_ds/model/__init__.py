@@ -5,10 +5,18 @@ from .modeling import (
     LittleBirdModelOutput,
     LittleBirdPreTrainedModel,
 )
+from .task_heads import (
+    LittleBirdForMultipleChoice,
+    LittleBirdForSequenceClassification,
+    LittleBirdForTokenClassification,
+)
 
 __all__ = [
     "LittleBirdForMaskedLM",
+    "LittleBirdForMultipleChoice",
     "LittleBirdForQuestionAnswering",
+    "LittleBirdForSequenceClassification",
+    "LittleBirdForTokenClassification",
     "LittleBirdModel",
     "LittleBirdModelOutput",
     "LittleBirdPreTrainedModel",
