@@ -38,9 +38,16 @@ def _help_of(module_path: str) -> str:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the installed distribution's version, without importing torch or transformers
+        __version__ = version("littlebird-ds")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        __version__ = "unknown (not installed)"
     parser = argparse.ArgumentParser(
         prog="littlebird-ds", description="LittleBird long-document encoder: train, evaluate, serve."
     )
+    parser.add_argument("--version", action="version", version=f"littlebird-ds {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_path in COMMANDS.items():
         if only is not None and name != only:
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only=command)
     if command is None:
+        if argv and argv[0] == "--version":
+            parser.parse_args(argv[:1])  # prints the version and exits 0
         if argv and not argv[0].startswith("-"):
             parser.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
         parser.print_help()

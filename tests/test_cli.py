@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from littlebird_ds.cli import COMMANDS, main
 
 
@@ -41,3 +43,11 @@ def test_unknown_command_is_a_clear_error(capsys):
     except SystemExit as e:
         assert e.code == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"littlebird-ds {version('littlebird-ds')}"

@@ -86,6 +86,8 @@ def reference(tmp_path_factory) -> dict[int, float]:
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(rec) and rec["tokens_per_s"] > 0
     assert any((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "final" / "model.safetensors").is_file()
+    settings = json.loads((out / "run_settings.json").read_text())  # what the run ran with
+    assert settings["arguments"]["max_steps"] == STEPS and (settings["micro_batch"], settings["grad_accum"]) == (2, 2)
     return losses
 
 

@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.io import free_port
+from ..utils.io import atomic_write_json, free_port
 from ..parallel import apply_activation_checkpointing, initialize_model_parallel, parallelize
 from .checkpoint import CheckpointManager, read_meta
 
@@ -834,6 +834,13 @@ class Trainer:
                                  barrier=dist.barrier)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            # The settings this run ran with (every flag, after defaults and launcher folding) and
+            # what it resolved: the layout and the batch arithmetic.
+            atomic_write_json(self.out / "run_settings.json", {
+                "command": sys.argv, "arguments": {k: v for k, v in sorted(vars(a).items()) if not k.startswith("_")},
+                "world_size": self.world, "data_parallel": self.dp_size, "tensor_parallel": self.tp,
+                "sequence_parallel": self.sp, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+                "zero_stage": self.zero_stage}, indent=2, default=str)
         dist.barrier()
         step = 0
         self.data_skip = 0  # steps' worth of data passed over by rewinds; saved with every checkpoint
