@@ -433,7 +433,7 @@ def _args(**kw):
 
 
 def test_shipped_ds_configs_resolve():
-    from littlebird_ds.train.engine import load_ds_config, offloads_optimizer, resolve_ds_config
+    from littlebird_ds.train.engine import fill_optimizer_params, load_ds_config, offloads_optimizer, resolve_ds_config
 
     names = sorted(p.name for p in DS_CONFIGS.glob("*.json"))
     expected = sorted(f"zero{s}_{p}.json" for s in (0, 1, 2, 3) for p in ("fp32", "bf16")) + \
@@ -447,6 +447,10 @@ def test_shipped_ds_configs_resolve():
         assert cfg["bf16"]["enabled"] == ("bf16" in name)
         assert offloads_optimizer(raw) == ("offload" in name)
         assert raw["zero_optimization"]["stage"] == (3 if "offload" in name else int(name[4]))
+        if "optimizer" in raw:  # "auto" as the Hugging Face Trainer takes it; the engine fills it from the flags
+            assert set(raw["optimizer"]["params"].values()) == {"auto"}
+            params = fill_optimizer_params(raw, lr=3e-4, weight_decay=0.05)["optimizer"]["params"]
+            assert params == {"lr": 3e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "eps": 1e-8}
 
 
 def test_global_batch_size_sets_the_accumulation_for_any_number_of_ranks():

@@ -497,6 +497,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float, *, bialibi_lr_scal
     return [g for g in groups if g["params"]]
 
 
+#: AdamW's settings when the flags do not set them (the client optimizer uses the same).
+ADAM_BETAS, ADAM_EPS = [0.9, 0.999], 1e-8
+
+
+def fill_optimizer_params(ds_config: dict, *, lr: float, weight_decay: float) -> dict:
+    """A ds_config's ``optimizer.params`` as DeepSpeed needs them: ``lr`` always from ``--lr``
+    (the schedule scales it), and ``"auto"`` or missing ``weight_decay``/``betas``/``eps`` from the
+    flags and the defaults, the way the Hugging Face Trainer fills the same ``"auto"`` values (so
+    one config file serves both). The parameter groups' own ``weight_decay`` (none for biases,
+    LayerNorms and BiALiBi) and ``lr`` (the slopes' scale) override these defaults."""
+    params = ds_config["optimizer"].setdefault("params", {})
+    params["lr"] = lr
+    for key, value in (("weight_decay", weight_decay), ("betas", ADAM_BETAS), ("eps", ADAM_EPS)):
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    return ds_config
+
+
 def lr_lambda(warmup_steps: int, max_steps: int, decay: str = "linear", min_ratio: float = 0.0) -> Callable[[int], float]:
     """Multiplier of the peak lr after ``step`` scheduler steps: linear warmup from 0 over
     ``warmup_steps``, then linear or cosine decay to ``min_ratio`` at ``max_steps``."""
@@ -729,13 +747,12 @@ class Trainer:
 
         if offloads_optimizer(self.ds_config) and "optimizer" not in self.ds_config:
             # ZeRO-Offload requires DeepSpeed's CPU optimizer; let DeepSpeed build it.
-            self.ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": a.lr, "betas": [0.9, 0.999],
-                                                                      "eps": 1e-8, "weight_decay": a.weight_decay}}
+            self.ds_config["optimizer"] = {"type": "AdamW", "params": {}}
         if "optimizer" in self.ds_config:
-            self.ds_config["optimizer"].setdefault("params", {})["lr"] = a.lr
+            fill_optimizer_params(self.ds_config, lr=a.lr, weight_decay=a.weight_decay)
             optimizer, params = None, groups
         else:
-            optimizer, params = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=1e-8), None
+            optimizer, params = torch.optim.AdamW(groups, lr=a.lr, betas=tuple(ADAM_BETAS), eps=ADAM_EPS), None
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
             config=self.ds_config, mpu=self.mpu, dist_init_required=False,
