@@ -95,6 +95,23 @@ def take_launcher_arguments(argv: list[str]) -> list[str]:
     return rest
 
 
+def _dashed_flags(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> list[str]:
+    """Megatron and DeepSpeed scripts spell flags with underscores (``--max_steps``); take those as
+    the dashed flags (``--max-steps``) a command defines. A flag defined with underscores
+    (``--deepspeed_config``) and anything after ``--`` stay as written."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = set(sub._option_string_actions)
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and "_" in name and name not in known and name.replace("_", "-") in known:
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
 def _one_line(command: str, message: str) -> str:
     """A command's ``SystemExit("...")`` message in the one error form:
     ``littlebird-ds COMMAND: error: ...``."""
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
         parser.print_help()
         return 0 if argv else 1
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_dashed_flags(parser, command, argv))
     module = importlib.import_module(COMMANDS[command])
     try:
         rc = module.run(args)

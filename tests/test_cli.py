@@ -51,3 +51,20 @@ def test_version_prints_the_installed_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"littlebird-ds {version('littlebird-ds')}"
+
+
+def test_underscore_flags_and_out_output_spellings_reach_the_same_options():
+    """Megatron/DeepSpeed scripts write --max_steps and --output; the commands take both spellings."""
+    from littlebird_ds.cli import _dashed_flags, build_parser
+
+    def parse(argv):
+        parser = build_parser(only=argv[0])
+        return parser.parse_args(_dashed_flags(parser, argv[0], argv))
+
+    a = parse(["make-qa", "--corpus", "c", "--tokenizer", "t", "--out", "o", "--questions_per_document", "1,2,3"])
+    assert a.output == "o" and a.questions_per_document == (1, 2, 3)
+    a = parse(["pretrain", "--corpus", "c", "--max_steps", "3", "--output", "d", "--global_batch_size=8", "--deepspeed",
+               "--deepspeed_config", "ds.json"])
+    assert (a.max_steps, a.out, a.global_batch_size, a.deepspeed_config) == (3, "d", 8, "ds.json")
+    a = parse(["train-tokenizer", "--out", "tok"])
+    assert a.output == "tok"

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and maps fresh pages for each, which long inputs pay on every large tensor")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: lengths 512,1024, one round, one step (overrides --lengths/--rounds/--steps)")
-    parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    parser.add_argument("--out", "--output", default="runs/bench", help="output directory (default runs/bench)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--report-only", nargs="+", metavar="BENCH_JSON",
                         help="measure nothing: summarise the runs of one or more earlier bench.json files together "

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="QA model directory (e.g. OUT/final)")
     parser.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: --model)")
     parser.add_argument("--data", required=True, metavar="FILE[,FILE...]", help="SQuAD-format QA file(s)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="results JSON (predictions + metrics)")
+    parser.add_argument("--out", "--output", required=True, metavar="FILE", help="results JSON (predictions + metrics)")
     parser.add_argument("--version-2", action="store_true", help="allow 'no answer' predictions (SQuAD v2)")
     parser.add_argument("--null-threshold", type=float, default=0.0,
                         help="with --version-2: answer only when the best span beats the null score by this")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, paths, max_examples=args.max_examples, max_length=args.max_length,
             stride=args.stride, version_2=args.version_2, null_score_diff_threshold=args.null_threshold,
             max_answer_tokens=args.max_answer_tokens, truncate_question=args.truncate_question,
-            max_tokens_per_batch=args.batch_tokens, language=args.language,
+            max_tokens_per_batch=args.batch_tokens, language=args.language, progress=None,
         )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"evaluate-qa: error: {e}") from None

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True,
                         help="corpus path or built-in name (e.g. chichewa-bible), read by load_corpus")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face fast tokenizer directory")
-    parser.add_argument("--output", required=True, help="directory to write the QA files to")
+    parser.add_argument("--output", "--out", required=True, help="directory to write the QA files to")
     parser.add_argument("--lengths", type=_ints, default=(512, 2048, 4096, 8192),
                         help="target input lengths in tokens of the validation/test sets (default 512,2048,4096,8192)")
     parser.add_argument("--train-lengths", type=_ints, default=(512,),

@@ -22,7 +22,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from littlebird_ds.bench.parity import COMMANDS, MODES
 
-    parser.add_argument("--out", required=True, help="work directory (data, runs, parity.json, parity.md)")
+    parser.add_argument("--out", "--output", required=True, help="work directory (data, runs, parity.json, parity.md)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from: {', '.join(MODES)}")
     parser.add_argument("--commands", default=",".join(COMMANDS), help=f"comma-separated, from: {', '.join(COMMANDS)}")
 

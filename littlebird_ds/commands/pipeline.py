@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (stages in subfolders)")
+    p.add_argument("--out", "--output", required=True, help="output directory (stages in subfolders)")
     p.add_argument("--corpus", default="chichewa-bible",
                    help="a folder of .txt files, a .jsonl file or folder, a saved datasets folder, or 'chichewa-bible'")
     p.add_argument("--language", default="nya",

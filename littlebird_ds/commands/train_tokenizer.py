@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults are None so that recipe values are only overridden by flags actually given.
     parser.add_argument("--recipe", help="YAML file of settings (keys as the flags, with underscores)")
     parser.add_argument("--corpus", help="corpus path or built-in name (e.g. chichewa-bible); may come from the recipe")
-    parser.add_argument("--output", required=True, help="directory to write the tokenizer to")
+    parser.add_argument("--output", "--out", required=True, help="directory to write the tokenizer to")
     parser.add_argument("--vocab-size", type=int, help="total vocabulary size (default 8000)")
     parser.add_argument("--model-type", choices=["unigram", "bpe"], help="default unigram")
     parser.add_argument("--character-coverage", type=float,

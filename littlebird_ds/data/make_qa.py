@@ -395,8 +395,10 @@ def _questions_for_split(
     blank: str,
     stop: frozenset[str],
 ) -> dict[int, list[dict[str, Any]]]:
+    from tqdm.auto import tqdm
+
     out: dict[int, list[dict[str, Any]]] = {length: [] for length in lengths}
-    for doc in docs:
+    for doc in tqdm(docs, desc="questions", unit="doc", leave=False, disable=None):  # a bar on terminals
         # Per-document generator: a document's questions do not depend on the others.
         rng = random.Random(f"{config.seed}:{doc.id}")
         sentences = doc.sentences

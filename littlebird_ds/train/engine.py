@@ -122,7 +122,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="seeds the weights and every random draw of the data (span masks, Padding Insertion, "
                         "shuffling) and dropout, per global micro-batch: any split over data-parallel ranks and "
                         "--grad-accum with the same micro-batch size sees the same batches")
-    g.add_argument("--out", default="runs/train", metavar="DIR", help="output directory")
+    g.add_argument("--out", "--output", default="runs/train", metavar="DIR", help="output directory")
     g.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints/latest")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")

@@ -97,12 +97,16 @@ def feature_logits(
     max_batch_size: int = 64,
     pad_token_id: int | None = None,
     device: torch.device | str | None = None,
+    progress: bool | None = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start and end logits of every feature: two lists of ``float32 [feature length]`` arrays.
 
     Runs in eval mode without gradients (the mode is restored afterwards); pads each batch
     to its longest feature with ``pad_token_id`` (default the model's), attention mask 0.
+    ``progress``: a tqdm bar over features (``None``: only on a terminal).
     """
+    from tqdm.auto import tqdm
+
     module = _unwrap(model)
     device = torch.device(device) if device is not None else next(module.parameters()).device
     pad = int(module.config.pad_token_id if pad_token_id is None else pad_token_id)
@@ -112,8 +116,11 @@ def feature_logits(
     ends: list[np.ndarray | None] = [None] * len(lengths)
     was_training = module.training
     module.eval()
+    bar = tqdm(total=len(lengths), desc="features", unit="feature", leave=False, dynamic_ncols=True,
+               disable=False if progress else (None if progress is None else True))
     try:
         for batch in _batches_by_length(lengths, max_tokens_per_batch, max_batch_size):
+            bar.update(len(batch))
             longest = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), longest), pad, dtype=torch.long)
             types = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -131,6 +138,7 @@ def feature_logits(
                 starts[i] = s[r, : lengths[i]].copy()
                 ends[i] = e[r, : lengths[i]].copy()
     finally:
+        bar.close()
         module.train(was_training)
     return starts, ends  # type: ignore[return-value]
 
@@ -148,6 +156,7 @@ def predict_examples(
     null_score_diff_threshold: float = 0.0,
     truncate_question: bool = False,
     max_tokens_per_batch: int = 32768,
+    progress: bool | None = False,
 ) -> dict[str, dict[str, Any]]:
     """Answers of ``examples``: ``{id: {"text", "score", "start", "end", "null_score", "n_best"}}``.
 
@@ -164,7 +173,8 @@ def predict_examples(
         examples, tokenizer, max_length=max_length, stride=min(stride, max(1, room // 2)),
         block_size=block, truncate_question=truncate_question,
     )
-    starts, ends = feature_logits(model, features, max_tokens_per_batch=max(max_tokens_per_batch, max_length))
+    starts, ends = feature_logits(model, features, max_tokens_per_batch=max(max_tokens_per_batch, max_length),
+                                  progress=progress)
     return postprocess_predictions(
         examples, features, starts, ends, n_best=n_best, max_answer_tokens=max_answer_tokens,
         version_2=version_2, null_score_diff_threshold=null_score_diff_threshold,
