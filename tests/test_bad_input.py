@@ -94,6 +94,9 @@ CASES: list[tuple[str, list[str], str, bool]] = [
     ("pipeline-setting-bad-value", ["pipeline", "--out", "{ws}/new-pipeline", "--set", "qa_steps=many"], "qa_steps", False),
     ("pipeline-out-is-a-file", ["pipeline", "--out", "{ws}/earlier/report.md"], "report.md", False),
     ("pipeline-node-rank-negative", ["pipeline", "--out", "{ws}/new-pipeline", "--node-rank", "-1"], "--node-rank", False),
+    ("pipeline-recipe-missing", ["pipeline", "--config", "{ws}/nope.yaml"], "nope.yaml", False),
+    ("pipeline-recipe-invalid-yaml", ["pipeline", "--config", "{ws}/bad.yaml"], "not valid YAML", False),
+    ("pipeline-recipe-unknown-key", ["pipeline", "--config", "{ws}/unknown.yaml"], "qa_stepz", False),
 ]
 
 
@@ -144,6 +147,8 @@ def ws(tmp_path_factory) -> Path:
     (ws / "empty.json").write_text("")
     (ws / "latin1.txt").write_bytes("Mulungu adalenga kumwamba ndi dziko lapansi, caf\xe9 \xff".encode("latin-1"))
     (ws / "bad.json").write_text("{not json")
+    (ws / "bad.yaml").write_text("out: [unclosed\n")
+    (ws / "unknown.yaml").write_text(f"out: {ws / 'new-pipeline'}\nqa_stepz: 3\n")
     train_tokenizer(str(ws / "corpus.txt"), ws / "tok", vocab_size=600)
     tok = AutoTokenizer.from_pretrained(ws / "tok")
     torch.manual_seed(0)

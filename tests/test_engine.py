@@ -84,7 +84,11 @@ def reference(tmp_path_factory) -> dict[int, float]:
     assert records[0]["step"] == 0 and "eval_loss" in records[0]  # --eval-at-start: the initial model
     rec = next(r for r in records if "loss" in r)
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(rec) and rec["tokens_per_s"] > 0
-    assert any((out / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/loss"} <= set(events.Tags()["scalars"])
     assert (out / "final" / "model.safetensors").is_file()
     settings = json.loads((out / "run_settings.json").read_text())  # what the run ran with
     assert settings["arguments"]["max_steps"] == STEPS and (settings["micro_batch"], settings["grad_accum"]) == (2, 2)

@@ -291,3 +291,20 @@ def test_pipeline_on_two_simulated_nodes_with_the_deepspeed_launcher_reports_as_
         for k, v in ev.items():
             if isinstance(v, float) and not k.endswith("seconds"):
                 assert abs(a["final_eval"][name][k] - v) <= 1e-4, (name, k, a["final_eval"][name][k], v)
+
+
+def test_a_yaml_recipe_sets_the_run_and_command_line_flags_win(tmp_path):
+    import argparse
+
+    from littlebird_ds.commands.pipeline import add_arguments, apply_recipe, parse_overrides
+
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("out: runs/from-recipe\ncorpus: my-corpus\nlanguage: en\nablations: true\n"
+                      "settings:\n  qa_steps: 300\n  eval_lengths: [512, 4096]\n  lr: 0.0005\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = apply_recipe(p.parse_args(["--config", str(recipe), "--language", "nya", "--set", "lr=0.002"]))
+    assert (args.out, args.corpus, args.language, args.ablations) == ("runs/from-recipe", "my-corpus", "nya", True)
+    assert parse_overrides(args.set, "tiny") == {"qa_steps": 300, "eval_lengths": (512, 4096), "lr": 0.002}
+    with pytest.raises(ValueError, match="--out is required"):
+        apply_recipe(p.parse_args([]))

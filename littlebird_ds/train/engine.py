@@ -1011,6 +1011,12 @@ def _progress(rank: int, total: int, initial: int):
                 file=sys.stderr)
 
 
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key, grouped as TensorBoard shows sections:
+    ``eval_f1@4096`` -> ``eval/f1@4096``, ``loss`` -> ``train/loss``, ``lr`` -> ``train/lr``."""
+    return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+
+
 class _Logger:
     """metrics.jsonl + TensorBoard on rank 0; no-op elsewhere."""
 
@@ -1040,7 +1046,7 @@ class _Logger:
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+                    self.tb.add_scalar(tensorboard_tag(k), v, record["step"])
 
     def close(self) -> None:
         if self.file is not None:
