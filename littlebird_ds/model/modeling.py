@@ -101,6 +101,19 @@ class LittleBirdPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LittleBirdLayer"]
     _keep_in_fp32_modules = ["bialibi"]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus the model's code and ``auto_map`` so the
+        folder loads with ``trust_remote_code=True`` where littlebird-ds is not installed
+        (:mod:`.remote_code`)."""
+        try:  # absent in the flattened copy a model folder carries: that copy saves plainly
+            from littlebird_ds.model.remote_code import AUTO_MAP, write_remote_code
+        except ImportError:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, BiALiBi):
