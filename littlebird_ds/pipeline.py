@@ -237,7 +237,11 @@ class Pipeline:
         with open(d / log_name, "a") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
-            res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # The token cache under OUT: the teacher, distill and further stages tokenize the corpus
+            # once between them, and every node reads it (OUT is shared on multi-node runs).
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env.setdefault("LITTLEBIRD_DS_CACHE", str(self.out / "cache"))
+            res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if res.returncode != 0:
             tail = (d / log_name).read_text().splitlines()[-25:]
             said = [ln for ln in tail if ln.startswith("littlebird-ds ") and ": error: " in ln]

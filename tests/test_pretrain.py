@@ -273,3 +273,40 @@ def test_error_empty_corpus(slice_dir, tmp_path):
     args = _args(["--tokenizer", str(slice_dir / "tok"), "--corpus", str(empty), "--preset", "tiny"])
     with pytest.raises(ValueError, match="corpus .*empty"):
         prepare_pretraining(args)
+
+
+def test_a_corpus_is_tokenized_once_and_read_from_the_cache_after(slice_dir, tmp_path, monkeypatch, capsys):
+    """The second call reads the ids from the cache without calling the tokenizer; another
+    tokenizer or other texts miss it; a damaged file is tokenized again with a warning; ``off``
+    turns the cache off."""
+    from transformers import AutoTokenizer
+
+    from littlebird_ds.train.pretrain import token_cache_dir, tokenize_documents
+
+    monkeypatch.setenv("LITTLEBIRD_DS_CACHE", str(tmp_path / "cache"))
+    real = AutoTokenizer.from_pretrained(slice_dir / "tok")
+
+    class Counting:  # the real tokenizer, counting its calls
+        calls = 0
+        backend_tokenizer = real.backend_tokenizer
+
+        def __call__(self, *a, **k):
+            Counting.calls += 1
+            return real(*a, **k)
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((slice_dir / "corpus").glob("*.txt"))][:3]
+    first = tokenize_documents(texts, Counting(), 2, False)
+    assert Counting.calls == 2 and len(list(token_cache_dir().glob("*.npz"))) == 1
+    again = tokenize_documents(texts, Counting(), 2, False)
+    assert Counting.calls == 2 and all(np.array_equal(a, b) and b.dtype == np.int32 for a, b in zip(first, again))
+    tokenize_documents(texts[:2], Counting(), 2, False)  # other texts: a new entry
+    assert Counting.calls == 3 and len(list(token_cache_dir().glob("*.npz"))) == 2
+    for f in token_cache_dir().glob("*.npz"):
+        f.write_bytes(b"damaged")
+    capsys.readouterr()
+    assert all(np.array_equal(a, b) for a, b in zip(first, tokenize_documents(texts, Counting(), 2, False)))
+    assert Counting.calls == 5 and "is damaged; tokenizing again" in capsys.readouterr().err
+    monkeypatch.setenv("LITTLEBIRD_DS_CACHE", "off")
+    assert token_cache_dir() is None
+    tokenize_documents(texts, Counting(), 2, False)
+    assert Counting.calls == 7

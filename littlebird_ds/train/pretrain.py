@@ -42,6 +42,7 @@ already returns the SBO fields.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 
 from ..model.modeling import masked_logits_kwargs
+from ..utils.io import atomic_write
 from .presets import MODEL_KINDS, PRESETS, build_config, build_model, max_positions
 
 IGNORE_INDEX = -100
@@ -114,9 +116,65 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+TOKEN_CACHE_ENV = "LITTLEBIRD_DS_CACHE"
+
+
+def token_cache_dir() -> Path | None:
+    """Where tokenized corpora are kept: ``$LITTLEBIRD_DS_CACHE/tokens`` (``off`` disables it),
+    else ``~/.cache/littlebird_ds/tokens``. The pipeline points it at ``OUT/cache`` for its
+    stages, which multi-node runs keep on storage every node shares."""
+    root = os.environ.get(TOKEN_CACHE_ENV)
+    if root is not None and root.strip().lower() in ("", "off", "0", "none"):
+        return None
+    return Path(root).expanduser() / "tokens" if root else Path.home() / ".cache" / "littlebird_ds" / "tokens"
+
+
+def _token_cache_key(texts: Sequence[str], tokenizer) -> str | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer has no serialised form to key on
+        return None
+    h = hashlib.sha256(b"littlebird-ds tokens v1\0")
+    h.update(backend.to_str().encode())
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
 def tokenize_documents(texts: Sequence[str], tokenizer, batch_size: int = 16,
                        show_progress: bool = True) -> list[np.ndarray]:
-    """Token ids (``int32``, no special tokens) of each text, in batched fast-tokenizer calls."""
+    """Token ids (``int32``, no special tokens) of each text, in batched fast-tokenizer calls.
+
+    Tokenized once: the ids are kept in the token cache (:func:`token_cache_dir`), keyed by the
+    tokenizer's full definition and every text, so later runs, the pipeline's later stages and
+    ranks that start after the first read them instead of tokenizing again. The cache file is
+    plain arrays (``np.load(allow_pickle=False)``), written atomically; a damaged one is
+    tokenized again."""
+    cache = token_cache_dir()
+    key = _token_cache_key(texts, tokenizer) if cache is not None else None
+    path = cache / f"{key}.npz" if key else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                ids, offsets = f["ids"], f["offsets"]
+            if len(offsets) == len(texts) + 1 and int(offsets[-1]) == len(ids):
+                return [ids[offsets[i]:offsets[i + 1]] for i in range(len(texts))]
+        except (OSError, ValueError, KeyError):
+            pass
+        print(f"warning: token cache {path} is damaged; tokenizing again", file=sys.stderr, flush=True)
+    out = _tokenize(texts, tokenizer, batch_size, show_progress)
+    if path is not None:
+        try:
+            offsets = np.concatenate([[0], np.cumsum([len(x) for x in out])]).astype(np.int64)
+            flat = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+            atomic_write(path, lambda f: np.savez(f, ids=flat, offsets=offsets), binary=True)
+        except OSError as e:  # a read-only or full cache only costs the time it would have saved
+            print(f"warning: could not write the token cache {path} ({e}); continuing", file=sys.stderr, flush=True)
+    return out
+
+
+def _tokenize(texts: Sequence[str], tokenizer, batch_size: int, show_progress: bool) -> list[np.ndarray]:
     from tqdm.auto import tqdm
 
     out: list[np.ndarray] = []
