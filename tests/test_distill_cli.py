@@ -90,7 +90,7 @@ def test_mask_rate_zero_with_masked_terms_is_a_clear_error(setup):
 
 def test_mask_rate_zero_distils_hidden_states_on_clean_text(setup):
     from littlebird_ds.train.distill import make_distill_collate
-    from littlebird_ds.train.pretrain import load_tokenizer
+    from littlebird_ds.data.tokenizer import load_tokenizer
 
     root, corpus, _ = setup
     tok = load_tokenizer(str(root / "teacher"))

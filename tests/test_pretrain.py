@@ -18,14 +18,8 @@ import pytest
 import torch
 
 from littlebird_ds.train.presets import BERT_PRESETS, LITTLEBIRD_PRESETS, build_config, build_model
-from littlebird_ds.train.pretrain import (
-    WindowDataset,
-    add_pretrain_arguments,
-    fixed_eval_batches,
-    prepare_pretraining,
-    run_pretraining,
-    window_spans,
-)
+from littlebird_ds.data.mlm import WindowDataset, fixed_eval_batches, window_spans
+from littlebird_ds.train.pretrain import add_pretrain_arguments, prepare_pretraining, run_pretraining
 
 ROOT = Path(__file__).resolve().parents[1]
 # Books of the slice: Joshua and Judges train, Ruth (08) is held out at validation
@@ -281,7 +275,7 @@ def test_a_corpus_is_tokenized_once_and_read_from_the_cache_after(slice_dir, tmp
     turns the cache off."""
     from transformers import AutoTokenizer
 
-    from littlebird_ds.train.pretrain import token_cache_dir, tokenize_documents
+    from littlebird_ds.data.mlm import token_cache_dir, tokenize_documents
 
     monkeypatch.setenv("LITTLEBIRD_DS_CACHE", str(tmp_path / "cache"))
     real = AutoTokenizer.from_pretrained(slice_dir / "tok")

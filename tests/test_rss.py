@@ -17,7 +17,8 @@ from conftest import tiny_config
 from test_pretrain import TEST_CONFIG
 
 from littlebird_ds.model.modeling import LittleBirdForMaskedLM
-from littlebird_ds.train.pretrain import add_pretrain_arguments, make_train_collate, prepare_pretraining, run_pretraining
+from littlebird_ds.data.mlm import make_train_collate
+from littlebird_ds.train.pretrain import add_pretrain_arguments, prepare_pretraining, run_pretraining
 
 
 
@@ -28,7 +29,7 @@ def setup(tmp_path_factory):
     from littlebird_ds.data.corpus import in_validation
     from littlebird_ds.data.corpus import load_corpus
     from littlebird_ds.data.tokenizer import train_tokenizer
-    from littlebird_ds.train.pretrain import load_tokenizer
+    from littlebird_ds.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("rss")
     books = {d.id.rsplit("/", 1)[1]: d.text for d in load_corpus("chichewa-bible")}

@@ -372,3 +372,28 @@ def _train_into(out: Path, corpus, recipe: TokenizerRecipe, text_field: str, spm
     # transformers 5 keeps these in tokenizer_config.json only; older readers look here.
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
     (out / "tokenizer_recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    """A fast tokenizer from a local directory, checked for the tokens span masking needs."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {p} does not exist; train one with "
+            f"`littlebird-ds train-tokenizer --corpus CORPUS --output {p}` or pass --tokenizer DIR"
+        )
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"{p} holds no tokenizer (no tokenizer.json or tokenizer_config.json); pass the OUTPUT directory "
+            "of `littlebird-ds train-tokenizer`, or a model directory saved with its tokenizer"
+        )
+    tok = AutoTokenizer.from_pretrained(str(p))
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer {p} is not a fast tokenizer; re-save it with `littlebird-ds train-tokenizer`")
+    missing = [name for name in ("pad_token", "cls_token", "sep_token", "mask_token") if getattr(tok, name) is None]
+    if missing:
+        raise ValueError(f"tokenizer {p} has no {', '.join(missing)}; span masking needs [PAD], [CLS], [SEP] "
+                         "and [MASK] (`littlebird-ds train-tokenizer` adds them)")
+    return tok

@@ -335,7 +335,9 @@ def run_distillation(args):
     from ..data.corpus import load_corpus, split_corpus
     from ..data.tokenizer import has_tokenizer_files
     from .engine import Trainer
-    from .pretrain import WindowDataset, evaluate_mlm, fixed_eval_batches, is_main_process, load_tokenizer, tokenize_documents
+    from ..data.mlm import WindowDataset, fixed_eval_batches, tokenize_documents
+    from ..data.tokenizer import load_tokenizer
+    from .pretrain import evaluate_mlm, is_main_process
     from .presets import dropout_overrides, max_positions
 
     teacher_path = resolve_teacher_path(args.teacher)

@@ -1,0 +1,227 @@
+"""Masked-LM data: tokenize documents once, cut them into windows, collate with span masking
+(and optionally Padding Insertion and recurring span selection), and the fixed masked
+validation batches. Used by ``pretrain`` and ``distill`` (see :mod:`littlebird_ds.train.pretrain`
+for the whole data path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..utils.io import atomic_write
+from .padding_insertion import DEFAULT_POSITION_KEYS, insert_padding_batch
+from .span_masking import SpanMaskingCollator, _as_rng, build_rss_example
+
+IGNORE_INDEX = -100
+#: Keys of a collated batch the model takes; the collator's SBO fields are dropped.
+MODEL_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
+#: Recurring-span-selection targets ``[B, Q]`` (positions; -1 / -100 in unused slots).
+RSS_KEYS: tuple[str, ...] = ("rss_questions", "rss_starts", "rss_ends")
+
+
+TOKEN_CACHE_ENV = "LITTLEBIRD_DS_CACHE"
+
+
+def token_cache_dir() -> Path | None:
+    """Where tokenized corpora are kept: ``$LITTLEBIRD_DS_CACHE/tokens`` (``off`` disables it),
+    else ``~/.cache/littlebird_ds/tokens``. The pipeline points it at ``OUT/cache`` for its
+    stages, which multi-node runs keep on storage every node shares."""
+    root = os.environ.get(TOKEN_CACHE_ENV)
+    if root is not None and root.strip().lower() in ("", "off", "0", "none"):
+        return None
+    return Path(root).expanduser() / "tokens" if root else Path.home() / ".cache" / "littlebird_ds" / "tokens"
+
+
+def _token_cache_key(texts: Sequence[str], tokenizer) -> str | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer has no serialised form to key on
+        return None
+    h = hashlib.sha256(b"littlebird-ds tokens v1\0")
+    h.update(backend.to_str().encode())
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def tokenize_documents(texts: Sequence[str], tokenizer, batch_size: int = 16,
+                       show_progress: bool = True) -> list[np.ndarray]:
+    """Token ids (``int32``, no special tokens) of each text, in batched fast-tokenizer calls.
+
+    Tokenized once: the ids are kept in the token cache (:func:`token_cache_dir`), keyed by the
+    tokenizer's full definition and every text, so later runs, the pipeline's later stages and
+    ranks that start after the first read them instead of tokenizing again. The cache file is
+    plain arrays (``np.load(allow_pickle=False)``), written atomically; a damaged one is
+    tokenized again."""
+    cache = token_cache_dir()
+    key = _token_cache_key(texts, tokenizer) if cache is not None else None
+    path = cache / f"{key}.npz" if key else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                ids, offsets = f["ids"], f["offsets"]
+            if len(offsets) == len(texts) + 1 and int(offsets[-1]) == len(ids):
+                return [ids[offsets[i]:offsets[i + 1]] for i in range(len(texts))]
+        except (OSError, ValueError, KeyError):
+            pass
+        print(f"warning: token cache {path} is damaged; tokenizing again", file=sys.stderr, flush=True)
+    out = _tokenize(texts, tokenizer, batch_size, show_progress)
+    if path is not None:
+        try:
+            offsets = np.concatenate([[0], np.cumsum([len(x) for x in out])]).astype(np.int64)
+            flat = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+            atomic_write(path, lambda f: np.savez(f, ids=flat, offsets=offsets), binary=True)
+        except OSError as e:  # a read-only or full cache only costs the time it would have saved
+            print(f"warning: could not write the token cache {path} ({e}); continuing", file=sys.stderr, flush=True)
+    return out
+
+
+def _tokenize(texts: Sequence[str], tokenizer, batch_size: int, show_progress: bool) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    bar = tqdm(total=len(texts), desc="tokenize", unit="doc", disable=not show_progress, file=sys.stderr)
+    for i in range(0, len(texts), max(1, batch_size)):
+        chunk = list(texts[i:i + batch_size])
+        # verbose=False: documents are longer than model_max_length on purpose; windows cut them.
+        enc = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False, verbose=False)
+        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def window_spans(doc_lengths: Iterable[int], max_length: int) -> list[tuple[int, int, int]]:
+    """``(document, start, end)`` token ranges of the examples cut from documents.
+
+    Each range holds at most ``max_length - 2`` tokens (room for ``[CLS]`` and ``[SEP]``)
+    of one document. Windows follow each other without overlap, except the last window of
+    a document longer than one window, which ends at the document's end (overlapping its
+    predecessor) so it is full length. Empty documents give no window.
+    """
+    if max_length < 3:
+        raise ValueError(f"max_length must be at least 3 ([CLS], one token, [SEP]), got {max_length}")
+    width = max_length - 2
+    spans: list[tuple[int, int, int]] = []
+    for d, n in enumerate(doc_lengths):
+        n = int(n)
+        if n == 0:
+            continue
+        if n <= width:
+            spans.append((d, 0, n))
+            continue
+        starts = list(range(0, n - width + 1, width))
+        if starts[-1] + width < n:
+            starts.append(n - width)
+        spans.extend((d, s, s + width) for s in starts)
+    return spans
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Map-style dataset of ``[CLS] window [SEP]`` examples (lists of ids) over tokenised
+    documents; windows from :func:`window_spans`. Holds the documents' ids once, no copies."""
+
+    def __init__(self, docs: Sequence[np.ndarray], max_length: int, cls_token_id: int, sep_token_id: int):
+        self.docs = list(docs)
+        self.max_length = max_length
+        self.cls_token_id = int(cls_token_id)
+        self.sep_token_id = int(sep_token_id)
+        self.spans = window_spans((len(d) for d in self.docs), max_length)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> list[int]:
+        d, s, e = self.spans[i]
+        return [self.cls_token_id, *self.docs[d][s:e].tolist(), self.sep_token_id]
+
+
+def _model_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_KEYS + RSS_KEYS if k in batch}
+
+
+def _rss_masked_batch(examples: Sequence[Any], collator, question_token_id: int, max_questions: int,
+                      generator) -> dict[str, torch.Tensor]:
+    """Recurring span selection on each example, then span masking of what is left (kept
+    occurrences are never masked); adds :data:`RSS_KEYS` ``[B, Q]`` to the batch."""
+    rng = _as_rng(generator)
+    rows = [build_rss_example(ex, question_token_id=question_token_id, word_start=collator.word_start,
+                              special=collator.special, max_groups=max_questions, generator=rng) for ex in examples]
+    masked_in = []
+    for r in rows:
+        keep = np.zeros(len(r.input_ids), dtype=bool)
+        for a, b in zip(r.answer_starts, r.answer_ends):
+            keep[a : b + 1] = True
+        masked_in.append({"input_ids": r.input_ids, "keep_unmasked": keep})
+    batch = collator(masked_in)
+    q = max([len(r.question_positions) for r in rows] + [1])
+    if q == batch["input_ids"].shape[1]:
+        q += 1  # never [B, L]: Padding Insertion would take [B, L] tensors for per-token ones
+    questions = torch.full((len(rows), q), -1, dtype=torch.long)
+    starts = torch.full((len(rows), q), IGNORE_INDEX, dtype=torch.long)
+    ends = torch.full((len(rows), q), IGNORE_INDEX, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r.question_positions)
+        questions[b, :n] = torch.tensor(r.question_positions, dtype=torch.long)
+        starts[b, :n] = torch.tensor(r.answer_starts, dtype=torch.long)
+        ends[b, :n] = torch.tensor(r.answer_ends, dtype=torch.long)
+    return {**batch, "rss_questions": questions, "rss_starts": starts, "rss_ends": ends}
+
+
+def make_train_collate(tokenizer, *, mask_rate: float = 0.15, pad_to_multiple_of: int | None = None,
+                       padding_insertion: float = 0.0, pi_max_length: int | None = None,
+                       rss_max_questions: int | None = None) -> Callable:
+    """The training collate function: recurring span selection (when ``rss_max_questions``),
+    span masking, then (optionally) Padding Insertion.
+
+    Randomness comes from torch's global RNG (``generator=None``), whose state the engine
+    checkpoints, so a resumed run draws the same masks as an uninterrupted one.
+    """
+    collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate,
+                                                  pad_to_multiple_of=pad_to_multiple_of, generator=None)
+
+    def collate(examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        if rss_max_questions:
+            batch = _rss_masked_batch(examples, collator, tokenizer.mask_token_id, rss_max_questions, None)
+        else:
+            batch = collator(examples)
+        if padding_insertion > 0:
+            batch = insert_padding_batch(batch, max_length=int(pi_max_length), probability=padding_insertion,
+                                         pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                                         position_keys=DEFAULT_POSITION_KEYS + RSS_KEYS, generator=None, shared_cap=True)
+        return _model_batch(batch)
+
+    return collate
+
+
+def fixed_eval_batches(dataset: WindowDataset, tokenizer, *, batch_size: int, max_examples: int, seed: int,
+                       mask_rate: float = 0.15, pad_to_multiple_of: int | None = None,
+                       rss_max_questions: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """A deterministic masked validation set: up to ``max_examples`` windows, evenly spaced
+    over ``dataset``, masked (and with ``rss_max_questions``, given recurring-span questions)
+    with a generator seeded ``seed``; CPU tensors in batches."""
+    n = len(dataset)
+    if n == 0:
+        return []
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_examples)).round().astype(int)).tolist()
+    rng = np.random.default_rng(seed)
+    collator = SpanMaskingCollator.from_tokenizer(tokenizer, mask_rate=mask_rate, pad_to_multiple_of=pad_to_multiple_of,
+                                                  generator=rng)
+    batches = []
+    for j in range(0, len(idx), batch_size):
+        examples = [dataset[i] for i in idx[j:j + batch_size]]
+        if rss_max_questions:
+            batches.append(_model_batch(_rss_masked_batch(examples, collator, tokenizer.mask_token_id,
+                                                          rss_max_questions, rng)))
+        else:
+            batches.append(_model_batch(collator(examples)))
+    return batches
