@@ -862,7 +862,18 @@ class Trainer:
         step = 0
         self.data_skip = 0  # steps' worth of data passed over by rewinds; saved with every checkpoint
         if a.resume:
-            tag = ckpt.newest_intact()  # verified against its manifest; falls back past a corrupt one
+            # Rank 0 verifies the files against the manifest (hashing every shard once, not once per
+            # rank) and tells the others which checkpoint to load, or the error to stop with.
+            found: list = [None, None]
+            if self.rank == 0:
+                try:
+                    found[0] = ckpt.newest_intact()  # falls back past a corrupt checkpoint
+                except ValueError as e:
+                    found[1] = str(e)
+            dist.broadcast_object_list(found, src=0)
+            if found[1] is not None:
+                raise ValueError(found[1])
+            tag = found[0]
             if tag is None:
                 if self.rank == 0:
                     print(f"--resume: no checkpoint under {ckpt.root}; starting from step 0", flush=True)
