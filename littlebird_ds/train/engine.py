@@ -851,13 +851,6 @@ class Trainer:
                                  barrier=dist.barrier)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            # The settings this run ran with (every flag, after defaults and launcher folding) and
-            # what it resolved: the layout and the batch arithmetic.
-            atomic_write_json(self.out / "run_settings.json", {
-                "command": sys.argv, "arguments": {k: v for k, v in sorted(vars(a).items()) if not k.startswith("_")},
-                "world_size": self.world, "data_parallel": self.dp_size, "tensor_parallel": self.tp,
-                "sequence_parallel": self.sp, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
-                "zero_stage": self.zero_stage}, indent=2, default=str)
         dist.barrier()
         step = 0
         self.data_skip = 0  # steps' worth of data passed over by rewinds; saved with every checkpoint
@@ -884,6 +877,15 @@ class Trainer:
                 self.data_skip = int(client.get("data_skip", 0))
                 if self.rank == 0:
                     print(f"--resume: continuing from step {step} of {a.max_steps} ({ckpt.root / tag})", flush=True)
+        if self.rank == 0:
+            # The settings this run ran with (every flag, after defaults and launcher folding) and
+            # what it resolved: the layout and the batch arithmetic. Written once --resume has found
+            # its checkpoint, so a refused resume changes nothing.
+            atomic_write_json(self.out / "run_settings.json", {
+                "command": sys.argv, "arguments": {k: v for k, v in sorted(vars(a).items()) if not k.startswith("_")},
+                "world_size": self.world, "data_parallel": self.dp_size, "tensor_parallel": self.tp,
+                "sequence_parallel": self.sp, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+                "zero_stage": self.zero_stage, "resumed_at_step": step}, indent=2, default=str)
         ckpt.clean_stale()
         if step == 0 and not a.resume and self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run: do not append to an old log
