@@ -196,9 +196,10 @@ class Pipeline:
         if info is None or info["fingerprint"] == self.fingerprint(stage):
             return None
         old, new = info.get("inputs", {}), self.inputs(stage)
+        # Compared as JSON, as recorded: a tuple setting and the list it was read back as are equal.
         changed = [f"{k}: {old.get(group, {}).get(k)!r} -> {v!r}" for group in ("settings", "options")
-                   for k, v in new[group].items() if old.get(group, {}).get(k) != v
-                   and json.dumps(old.get(group, {}).get(k), default=str) != json.dumps(v, default=str)]
+                   for k, v in new[group].items()
+                   if json.dumps(old.get(group, {}).get(k), default=str) != json.dumps(v, default=str)]
         changed += [f"stage {up} reruns" for up, fp in new["reads"].items() if old.get("reads", {}).get(up) != fp]
         return changed or ["recorded inputs differ"]
 
@@ -218,7 +219,8 @@ class Pipeline:
         if stage == "report" or not path.exists():
             return False
         info = json.loads(path.read_text())
-        if info.get("fingerprint", self.fingerprint(stage)) != self.fingerprint(stage):
+        want = self.fingerprint(stage)
+        if info.get("fingerprint", want) != want:  # none recorded: a folder of an older version
             return False
         if stage in ("qa", "evaluate"):
             return set(self.qa_runs()) <= set(info)
@@ -469,6 +471,7 @@ class Pipeline:
         """What can be checked before any stage runs: the corpus, the output folder, the files
         the options name. A wrong one is a clear error here, not a failed child process later."""
         from .data.corpus import BUILTIN_CORPORA
+        from .train.distill import MINILM
 
         if not Path(self.o.corpus).exists() and self.o.corpus not in BUILTIN_CORPORA:
             raise FileNotFoundError(f"--corpus {self.o.corpus} is neither an existing path nor a built-in corpus "
@@ -479,7 +482,7 @@ class Pipeline:
         if self.o.deepspeed and not Path(self.o.deepspeed).is_file():
             raise FileNotFoundError(f"--deepspeed {self.o.deepspeed} does not exist; pass a DeepSpeed JSON config "
                                     "(see ds_configs/)")
-        if self.o.teacher and self.o.teacher != "minilm" and not Path(self.o.teacher).is_dir():
+        if self.o.teacher and self.o.teacher != MINILM and not Path(self.o.teacher).is_dir():
             raise FileNotFoundError(f"--teacher {self.o.teacher} is not a directory; pass a Hugging Face model "
                                     "directory (with its tokenizer) or 'minilm'")
 

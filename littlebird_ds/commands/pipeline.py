@@ -82,11 +82,10 @@ def node_rank(flag: int | None) -> int:
     return flag
 
 
-#: Options a --config recipe may set, with their defaults. The flags default to None, so a flag
-#: given on the command line (even with the default's value) wins over the recipe.
-RECIPE_OPTIONS = {"out": None, "corpus": "chichewa-bible", "language": "nya", "preset": "tiny", "teacher": None,
-                  "seed": 0, "launcher": "", "deepspeed": None, "ablations": False,
-                  "node_wait_timeout": 24 * 3600.0}
+#: Options a --config recipe may set. Their defaults are PipelineOptions'; the flags default to
+#: None, so a flag given on the command line (even with the default's value) wins over the recipe.
+RECIPE_OPTIONS = ("out", "corpus", "language", "preset", "teacher", "seed", "launcher", "deepspeed", "ablations",
+                  "node_wait_timeout")
 
 
 def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
@@ -119,9 +118,14 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _fill_defaults(args: argparse.Namespace, recipe: dict) -> argparse.Namespace:
-    for key, default in RECIPE_OPTIONS.items():
+    from dataclasses import MISSING, fields
+
+    from littlebird_ds.pipeline import PipelineOptions
+
+    defaults = {f.name: None if f.default is MISSING else f.default for f in fields(PipelineOptions)}
+    for key in RECIPE_OPTIONS:
         if getattr(args, key) is None:
-            setattr(args, key, recipe.get(key, default))
+            setattr(args, key, recipe.get(key, defaults[key]))
     if args.out is None:
         raise ValueError("--out is required (or an 'out:' in the --config recipe); name the output folder")
     return args

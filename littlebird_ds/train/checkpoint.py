@@ -304,12 +304,16 @@ class CheckpointManager:
     def _before_commit(self, tmp_dir: Path) -> None:
         """Called on rank 0 after every file is written and before the rename (a test seam)."""
 
+    def _tags(self) -> list[str]:
+        """The ``step_*`` checkpoints under the root, oldest first."""
+        return sorted((p.name for p in self.root.iterdir() if p.is_dir() and _TAG_RE.match(p.name)),
+                      key=lambda t: int(_TAG_RE.match(t).group(1)))
+
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted((p for p in self.root.iterdir() if p.is_dir() and _TAG_RE.match(p.name)),
-                      key=lambda p: int(_TAG_RE.match(p.name).group(1)))
-        for p in tags[: max(0, len(tags) - self.keep)]:
-            if p.name != keep_tag:
-                shutil.rmtree(p, ignore_errors=True)
+        tags = self._tags()
+        for tag in tags[: max(0, len(tags) - self.keep)]:
+            if tag != keep_tag:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
 
     # -- loading ----------------------------------------------------------------------------
     def latest(self) -> str | None:
@@ -321,8 +325,7 @@ class CheckpointManager:
         checkpoint; ``ValueError`` when it holds checkpoints and none is intact."""
         if not self.root.is_dir():
             return None
-        tags = sorted((p.name for p in self.root.iterdir() if p.is_dir() and _TAG_RE.match(p.name)),
-                      key=lambda t: int(_TAG_RE.match(t).group(1)), reverse=True)
+        tags = self._tags()[::-1]  # newest first
         latest_file = self.root / LATEST
         named = latest_file.read_text().strip() if latest_file.is_file() else None
         if named is not None and named in tags:  # never resume past what ``latest`` committed

@@ -759,6 +759,15 @@ class Trainer:
         )
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
 
+    def _data_micro_steps(self, step: int) -> int:
+        """Global micro-steps of data consumed before optimizer step ``step``: the steps trained
+        plus those whose data rewinds skipped (``--rewind-on-nonfinite``)."""
+        return (step + self.data_skip) * self.grad_accum
+
+    def _batches_from(self, step: int) -> Iterator:
+        """This rank's batch iterator, positioned at the data of optimizer step ``step``."""
+        return self._batch_factory()(self._data_micro_steps(step), self.dp_rank, self.dp_size)
+
     def _batch_factory(self) -> BatchIteratorFactory:
         if self.batches is not None:
             return self.batches
@@ -790,7 +799,7 @@ class Trainer:
     def _client_state(self, step: int) -> dict:
         return {
             "step": step,
-            "micro_steps": (step + self.data_skip) * self.grad_accum,  # global micro-steps consumed: the data position
+            "micro_steps": self._data_micro_steps(step),  # global micro-steps consumed: the data position
             "data_skip": self.data_skip,  # optimizer steps' worth of data skipped by rewinds (--rewind-on-nonfinite)
             "seed": self.args.seed,
             "tensor_parallel": self.tp,
@@ -893,7 +902,7 @@ class Trainer:
         logger = _Logger(self.out, self.rank, resumed_at=step)
         if step == 0 and self.eval_fn is not None and getattr(a, "eval_at_start", True):
             self._evaluate(0, logger)  # the initial model: the baseline of every later evaluation
-        it = self._batch_factory()((step + self.data_skip) * self.grad_accum, self.dp_rank, self.dp_size)
+        it = self._batches_from(step)
         rewinds_left = int(getattr(a, "rewind_on_nonfinite", 0) or 0)
         result = TrainResult(step=step, checkpoint_dir=ckpt.root)
         bar = _progress(self.rank, a.max_steps, step)
@@ -908,7 +917,7 @@ class Trainer:
                     # The data's random draws (made as the iterator collates) and dropout come from
                     # generators seeded by the global micro-batch index: the same for one process
                     # with --grad-accum g*dp as for dp ranks with --grad-accum g.
-                    micro = ((step + self.data_skip) * self.grad_accum + k) * self.dp_size + self.dp_rank
+                    micro = (self._data_micro_steps(step) + k) * self.dp_size + self.dp_rank
                     seed_micro_batch(a.seed, micro)
                     batch = _to_device(next(it), self.device)
                     loss, metrics = self.loss_fn(self.engine, batch)
@@ -942,8 +951,7 @@ class Trainer:
                         step = back_to
                         for later in [k for k in result.losses if k > step]:  # replayed on other data
                             del result.losses[later]
-                        it = self._batch_factory()((step + self.data_skip) * self.grad_accum, self.dp_rank,
-                                                   self.dp_size)
+                        it = self._batches_from(step)
                         bar.n = step
                         bar.refresh()
                         continue

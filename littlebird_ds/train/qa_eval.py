@@ -117,7 +117,7 @@ def feature_logits(
     was_training = module.training
     module.eval()
     bar = tqdm(total=len(lengths), desc="features", unit="feature", leave=False, dynamic_ncols=True,
-               disable=False if progress else (None if progress is None else True))
+               disable=None if progress is None else not progress)
     try:
         for batch in _batches_by_length(lengths, max_tokens_per_batch, max_batch_size):
             bar.update(len(batch))
