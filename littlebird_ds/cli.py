@@ -37,6 +37,22 @@ def _help_of(module_path: str) -> str:
     return doc.strip().split("\n\n")[0]
 
 
+def _has_default_to_show(action: argparse.Action) -> bool:
+    """Not ``None``, a flag's ``False``, an empty list or argparse's SUPPRESS."""
+    d = action.default
+    return not (d is None or d is False or (isinstance(d, str) and d == argparse.SUPPRESS) or d == [] or d == ())
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default shown, except where the help
+    already states it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not _has_default_to_show(action) or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -57,8 +73,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(module_path)
         help_text = _help_of(module_path)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
+        for action in p._actions:  # options without a help text still show their default
+            if action.help is None and action.option_strings and _has_default_to_show(action):
+                action.help = "(default: %(default)s)"
     return parser
 
 

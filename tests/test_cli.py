@@ -32,6 +32,21 @@ def test_every_registered_command_has_help(capsys):
         assert f"usage: littlebird-ds {name}" in capsys.readouterr().out
 
 
+def test_help_shows_every_option_default_once(capsys):
+    """Defaults appear in --help, also for options without a help text, and never twice where
+    the help already names its default."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["finetune-qa", "--help"])
+    out = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "--warmup-steps WARMUP_STEPS (default: 0)" in out
+    assert "peak learning rate (default: 0.0001)" in out
+    assert "final lr as a fraction of --lr (default: 0.0)" in out
+    assert "(default 1); they are 3 scalars" in out and "(default: 1.0)" not in out.split("--bialibi-lr-scale")[1][:400]
+    assert "--resume resume from OUT/checkpoints/latest --lr" in out  # a flag's False is not a default to show
+
+
 def test_console_script_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", "info"], capture_output=True, text=True)
     assert res.returncode == 0 and "attention kernels" in res.stdout, res.stderr[-1000:]

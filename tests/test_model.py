@@ -136,6 +136,31 @@ def test_auto_classes_resolve_littlebird():
     assert isinstance(AutoModelForQuestionAnswering.from_config(cfg), lb.LittleBirdForQuestionAnswering)
 
 
+def test_hugging_face_attn_implementation_names_load_and_map_onto_littlebird_kernels(tmp_path):
+    """``attn_implementation`` as transformers users pass it: "sdpa" and "eager" load and run the
+    configured kernel (outputs unchanged), "flex_attention" (at load or through
+    ``set_attn_implementation``) runs the flex kernel, which CPU has for inference."""
+    from littlebird_ds.model.layers import UnpackSlidingWindowAttention
+
+    def kernels(m):
+        return {a.kernel_for() for a in m.modules() if isinstance(a, UnpackSlidingWindowAttention)}
+
+    lb.LittleBirdModel(tiny_config()).save_pretrained(tmp_path)
+    ids = _ids(1, 40)
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(tmp_path).eval()(input_ids=ids).last_hidden_state
+        for impl, kernel in (("sdpa", "auto"), ("eager", "auto"), ("flex_attention", "flex")):
+            m = AutoModel.from_pretrained(tmp_path, attn_implementation=impl).eval()
+            assert kernels(m) == {kernel}, impl
+            torch.testing.assert_close(m(input_ids=ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+        m = AutoModel.from_pretrained(tmp_path).eval()
+        m.set_attn_implementation("flex_attention")
+        assert kernels(m) == {"flex"}
+    fixed = lb.LittleBirdModel(tiny_config(attention_kernel="eager"))  # an explicit kernel wins
+    fixed.set_attn_implementation("flex_attention")
+    assert kernels(fixed) == {"eager"}
+
+
 def test_masked_lm_decoder_is_tied_to_token_embeddings_after_reload(tmp_path):
     model = lb.LittleBirdForMaskedLM(tiny_config())
     assert model.lm_head.decoder.weight is model.littlebird.embeddings.word_embeddings.weight

@@ -119,6 +119,7 @@ class UnpackSlidingWindowAttention(nn.Module):
         d = config.hidden_size
         self.head_dim = config.head_dim
         self.kernel_name = config.attention_kernel
+        self.config = config  # read at call time: Hugging Face's set_attn_implementation changes it
         self.first_token = config.bialibi_first_token
         self.global_keys = config.bialibi_global_keys
         self.dropout_p = config.attention_probs_dropout_prob
@@ -131,11 +132,18 @@ class UnpackSlidingWindowAttention(nn.Module):
         self.head_start = 0  # global id of this rank's first head (tensor parallelism sets it)
         self.core_attention = self._local_attention
 
+    def kernel_for(self) -> str:
+        """The kernel name: ``config.attention_kernel``, except that an ``auto`` model loaded or
+        set with Hugging Face's ``attn_implementation="flex_attention"`` runs ``flex``."""
+        if self.kernel_name == "auto" and getattr(self.config, "_attn_implementation", None) == "flex_attention":
+            return "flex"
+        return self.kernel_name
+
     def _local_attention(self, q, k, v, kp, vp, layout: BlockLayout, head_start: int) -> torch.Tensor:
         # A kernel is picked for "training" whenever autograd will need its backward (an eval-mode
         # forward with grad enabled included): some kernels (flex on CPU) have none.
         needs_backward = torch.is_grad_enabled() and (q.requires_grad or self.bialibi.alpha_raw.requires_grad)
-        kernel = get_kernel(self.kernel_name, q.device.type, needs_backward)
+        kernel = get_kernel(self.kernel_for(), q.device.type, needs_backward)
         slopes = self.bialibi.slopes(head_start, q.shape[1])
         return kernel(q, k, v, kp, vp, slopes, layout, first_token=self.first_token, global_keys=self.global_keys,
                       dropout_p=self.dropout_p, training=self.training)

@@ -100,6 +100,12 @@ class LittleBirdPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LittleBirdLayer"]
     _keep_in_fp32_modules = ["bialibi"]
+    # Hugging Face's attn_implementation names are accepted (from_pretrained, set_attn_implementation);
+    # LittleBird's attention is its own (block pattern + BiALiBi), so they map onto its kernels:
+    # "eager" and "sdpa" run config.attention_kernel (its "auto" is already fused), "flex_attention"
+    # runs the flex kernel (layers.UnpackSlidingWindowAttention.kernel_for).
+    _supports_sdpa = True
+    _supports_flex_attn = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, plus the model's code and ``auto_map`` so the
