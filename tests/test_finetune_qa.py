@@ -197,6 +197,16 @@ def test_cli_finetune_evaluate_predict(model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "answer:" in text and "score:" in text and "offsets:" in text
 
+    # docs/qa.md "From Python", as written, on this model and context.
+    doc = (Path(ROOT) / "docs" / "qa.md").read_text()
+    snippet = doc.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'model_dir, book = "out/qa-model/final", "book.txt"' in snippet
+    snippet = snippet.replace('"out/qa-model/final", "book.txt"', f"{str(out / 'final')!r}, {str(context)!r}")
+    names: dict = {}
+    exec(compile(snippet, "docs/qa.md", "exec"), names)
+    best = names["best"]
+    assert capsys.readouterr().out.strip() and example["context"][best["start"]:best["end"]] == best["text"]
+
 
 # ---------------------------------------------------------------------------------------------
 # (c) Padding Insertion in QA batches, curriculum, resumable batches

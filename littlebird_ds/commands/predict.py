@@ -48,8 +48,7 @@ def predict(model: Any, tokenizer: Any, context: str, question: str, *, top_k: i
         raise ValueError("the question is empty; pass --question \"...\"")
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
-    example = {"id": "q", "context": context, "question": question,
-               "answers": {"text": [], "answer_start": []}, "is_impossible": False}
+    example = {"id": "q", "context": context, "question": question}
     preds = predict_examples(model, tokenizer, [example], max_length=max_length, stride=stride,
                              n_best=max(top_k, 1), max_answer_tokens=max_answer_tokens)
     return [{k: c[k] for k in ("text", "score", "start", "end")} for c in preds["q"]["n_best"][:top_k]]

@@ -393,7 +393,7 @@ def prepare_features(
                 for j, s in enumerate(seq_ids)
             ]
         start_pos = end_pos = 0
-        answers = row["answers"]
+        answers = row.get("answers") or {"text": [], "answer_start": []}  # none: a question to answer
         if not row.get("is_impossible") and answers["text"] and ctx_tokens:
             start_char = answers["answer_start"][0]
             end_char = start_char + len(answers["text"][0])
