@@ -303,6 +303,56 @@ def test_rewind_on_nonfinite_skips_an_isolated_spike_and_stops_when_spikes_retur
     assert not (tmp_path / "again" / "final").exists()
 
 
+_FAKE_WANDB = """
+import json, os, types
+def _write(record):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(record) + "\\n")
+util = types.SimpleNamespace(generate_id=lambda: "fresh-id")
+class _Run:
+    def log(self, data, step=None):
+        _write({"log": data, "step": step})
+    def finish(self):
+        _write({"finish": True})
+def init(**kw):
+    _write({"init": {k: v for k, v in kw.items() if k != "config"}, "config": kw.get("config", {})})
+    return _Run()
+"""
+
+
+def test_wandb_project_logs_every_record_and_a_resumed_run_continues_the_same_wandb_run(tmp_path):
+    """``--wandb-project`` with a stand-in ``wandb`` module that records its calls: the run is
+    opened in the project with the run's settings, gets the TensorBoard tags at each step,
+    is finished; ``--resume`` reopens the same run id. Without wandb installed the flag is a
+    one-line error before anything is written."""
+    fake = tmp_path / "fake"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text(_FAKE_WANDB)
+    calls = tmp_path / "calls.jsonl"
+    env = launch_env(PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]), FAKE_WANDB_LOG=str(calls))
+    out = tmp_path / "run"
+    _run([sys.executable, str(WORKER), *_common(out, "--wandb-project", "lb-demo", "--save-every", "4", steps=4)], env=env)
+    first = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert first[0]["init"] == {"project": "lb-demo", "name": "run", "id": "fresh-id", "resume": "allow", "dir": str(out)}
+    assert first[0]["config"]["max_steps"] == 4 and first[0]["config"]["wandb_project"] == "lb-demo"
+    logged = [c for c in first if "log" in c]
+    assert [c["step"] for c in logged if "train/loss" in c["log"]] == [1, 2, 3, 4]
+    assert first[-1] == {"finish": True}
+    assert (out / "wandb_run_id").read_text().strip() == "fresh-id"
+
+    (out / "wandb_run_id").write_text("kept-id\n")  # the id the first run was given
+    _run([sys.executable, str(WORKER), *_common(out, "--wandb-project", "lb-demo", "--resume", steps=6)], env=env)
+    second = [json.loads(line) for line in calls.read_text().splitlines()][len(first):]
+    assert second[0]["init"]["id"] == "kept-id"
+    assert [c["step"] for c in second if "train/loss" in c.get("log", {})] == [5, 6]
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text\n" * 50)
+    p = _run([sys.executable, "-m", "littlebird_ds.cli", "pretrain", "--corpus", str(tmp_path / "corpus"),
+              "--wandb-project", "x", "--out", str(tmp_path / "no")], check=False)
+    assert p.returncode == 2 and "pip install wandb" in p.stderr and not (tmp_path / "no").exists()
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -78,7 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.io import atomic_write_json, free_port
+from ..utils.io import atomic_write_json, atomic_write_text, free_port
 from ..parallel import apply_activation_checkpointing, initialize_model_parallel, parallelize
 from .checkpoint import CheckpointManager, read_meta
 
@@ -154,6 +155,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         "final model). What large-scale trainers do for isolated loss spikes; a run that diverges "
                         "again after N rewinds stops")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--wandb-project", default=None, metavar="NAME",
+                   help="also log every metrics.jsonl record to this Weights & Biases project (needs `pip install "
+                        "wandb`; WANDB_MODE=offline logs without a network). The run id is kept in OUT, so --resume "
+                        "continues the same W&B run")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (overrides the ds_config)")
     g.add_argument("--release-memory", action="store_true",
                    help="CPU: hand freed activation memory back to the OS at once (glibc), so long documents "
@@ -201,6 +206,9 @@ def normalize_training_args(args):
     ratio = getattr(args, "min_lr_ratio", None)
     if ratio is not None and not 0 <= ratio <= 1:
         raise ValueError(f"--min-lr-ratio {ratio} must be between 0 and 1 (a fraction of --lr)")
+    if getattr(args, "wandb_project", None):
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb-project needs Weights & Biases: pip install wandb (or drop the flag)")
     return args
 
 
@@ -899,7 +907,8 @@ class Trainer:
         if step == 0 and not a.resume and self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run: do not append to an old log
 
-        logger = _Logger(self.out, self.rank, resumed_at=step)
+        logger = _Logger(self.out, self.rank, resumed_at=step, wandb_project=getattr(a, "wandb_project", None),
+                         settings=vars(a))
         if step == 0 and self.eval_fn is not None and getattr(a, "eval_at_start", True):
             self._evaluate(0, logger)  # the initial model: the baseline of every later evaluation
         it = self._batches_from(step)
@@ -1039,13 +1048,17 @@ def tensorboard_tag(key: str) -> str:
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard on rank 0; no-op elsewhere."""
+    """metrics.jsonl + TensorBoard (+ Weights & Biases with ``--wandb-project``) on rank 0;
+    no-op elsewhere."""
 
-    def __init__(self, out: Path, rank: int, resumed_at: int = 0):
+    def __init__(self, out: Path, rank: int, resumed_at: int = 0, wandb_project: str | None = None,
+                 settings: dict | None = None):
         self.rank = rank
-        self.file = self.tb = None
+        self.file = self.tb = self.wandb = None
         if rank != 0:
             return
+        if wandb_project:
+            self.wandb = _wandb_run(out, wandb_project, settings or {})
         path = out / "metrics.jsonl"
         if resumed_at > 0 and path.exists():
             # Drop records past the checkpoint (a killed run logged them); the resumed run re-logs them.
@@ -1064,16 +1077,31 @@ class _Logger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {tensorboard_tag(k): v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(tensorboard_tag(k), v, record["step"])
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(out: Path, project: str, settings: dict):
+    """A W&B run named after OUT, its id kept in ``OUT/wandb_run_id`` so a resumed run continues it."""
+    import wandb  # checked by the argument checks
+
+    id_file = out / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    atomic_write_text(id_file, run_id + "\n")
+    config = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return wandb.init(project=project, name=out.name, id=run_id, resume="allow", dir=str(out), config=config)
 
 
 def train(args, **kwargs) -> TrainResult:
