@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -64,6 +65,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="littlebird-ds", description="LittleBird long-document encoder: train, evaluate, serve."
     )
     parser.add_argument("--version", action="version", version=f"littlebird-ds {__version__}")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                        help="messages shown on stderr (anywhere on the command line; default info, or "
+                             "$LITTLEBIRD_DS_LOG_LEVEL); --debug shows tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_path in COMMANDS.items():
         if only is not None and name != only:
@@ -144,10 +148,72 @@ def _one_line(command: str, message: str) -> str:
     return f"littlebird-ds {command}: error: {message}"
 
 
+#: ``--log-level`` values (anywhere on the command line, like ``--debug``; or ``$LITTLEBIRD_DS_LOG_LEVEL``).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _LogFormatter(logging.Formatter):
+    """INFO lines as plain text (status lines), other levels prefixed: ``warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is emitted (a handler that kept the
+    stream it was made with would write into a closed capture after a test or a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def take_log_level(argv: list[str]) -> tuple[list[str], str]:
+    """Remove ``--log-level L`` / ``--log-level=L`` from ``argv``; returns the rest and the level
+    (default ``$LITTLEBIRD_DS_LOG_LEVEL``, else ``info``)."""
+    level = os.environ.get("LITTLEBIRD_DS_LOG_LEVEL", "info").lower()
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--log-level" and i + 1 < len(argv):
+            level, i = argv[i + 1].lower(), i + 2
+            continue
+        if a.startswith("--log-level="):
+            level = a.split("=", 1)[1].lower()
+        else:
+            rest.append(a)
+        i += 1
+    if level not in LOG_LEVELS:
+        raise SystemExit(f"littlebird-ds: error: --log-level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    return rest, level
+
+
+def configure_logging(level: str) -> None:
+    """The package's messages (``littlebird_ds.*`` loggers) on stderr at ``level``; other
+    libraries' own loggers at WARNING. The level goes into the environment, so the commands the
+    pipeline and the launchers start log the same way; ``debug`` lets transformers talk too."""
+    handler = _StderrHandler()
+    handler.setFormatter(_LogFormatter("%(message)s"))
+    package = logging.getLogger("littlebird_ds")
+    package.handlers[:] = [handler]
+    package.setLevel(level.upper())
+    os.environ["LITTLEBIRD_DS_LOG_LEVEL"] = level
+    if level == "debug":
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = take_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv or os.environ.get("LITTLEBIRD_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    argv, level = take_log_level(argv)
+    configure_logging(level)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only=command)
     if command is None:

@@ -47,6 +47,30 @@ def test_help_shows_every_option_default_once(capsys):
     assert "--resume resume from OUT/checkpoints/latest --lr" in out  # a flag's False is not a default to show
 
 
+def test_log_level_anywhere_on_the_command_line_filters_the_package_messages(tmp_path, capsys, monkeypatch):
+    """Status lines are INFO, warnings WARNING: ``--log-level warning`` keeps the warning and drops
+    the status line, ``info`` shows both; a bad level is a one-line error naming the choices."""
+    import logging
+
+    from littlebird_ds.cli import configure_logging, take_log_level
+
+    monkeypatch.delenv("LITTLEBIRD_DS_LOG_LEVEL", raising=False)
+    assert take_log_level(["info", "--log-level", "warning", "--json"]) == (["info", "--json"], "warning")
+    assert take_log_level(["--log-level=debug", "info"]) == (["info"], "debug")
+    assert take_log_level(["info"]) == (["info"], "info")
+    with pytest.raises(SystemExit, match="not one of debug, info, warning, error"):
+        take_log_level(["info", "--log-level", "loud"])
+    log = logging.getLogger("littlebird_ds.train.engine")
+    for level, shown in (("warning", ["warning: disk almost full"]), ("info", ["resumed at step 3", "warning: disk almost full"])):
+        configure_logging(level)
+        capsys.readouterr()
+        log.info("resumed at step 3")
+        log.warning("disk almost full")
+        assert capsys.readouterr().err.splitlines() == shown
+    assert main(["info", "--log-level", "warning"]) == 0 and "attention kernels" in capsys.readouterr().out
+    configure_logging("info")
+
+
 def test_console_script_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "littlebird_ds.cli", "info"], capture_output=True, text=True)
     assert res.returncode == 0 and "attention kernels" in res.stdout, res.stderr[-1000:]

@@ -6,6 +6,7 @@ for the whole data path).
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import os
 import sys
@@ -20,6 +21,8 @@ from tqdm.auto import tqdm
 from ..utils.io import atomic_write
 from .padding_insertion import DEFAULT_POSITION_KEYS, insert_padding_batch
 from .span_masking import SpanMaskingCollator, _as_rng, build_rss_example
+
+_log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 #: Keys of a collated batch the model takes; the collator's SBO fields are dropped.
@@ -74,7 +77,7 @@ def tokenize_documents(texts: Sequence[str], tokenizer, batch_size: int = 16,
                 return [ids[offsets[i]:offsets[i + 1]] for i in range(len(texts))]
         except (OSError, ValueError, KeyError):
             pass
-        print(f"warning: token cache {path} is damaged; tokenizing again", file=sys.stderr, flush=True)
+        _log.warning(f"token cache {path} is damaged; tokenizing again")
     out = _tokenize(texts, tokenizer, batch_size, show_progress)
     if path is not None:
         try:
@@ -82,7 +85,7 @@ def tokenize_documents(texts: Sequence[str], tokenizer, batch_size: int = 16,
             flat = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
             atomic_write(path, lambda f: np.savez(f, ids=flat, offsets=offsets), binary=True)
         except OSError as e:  # a read-only or full cache only costs the time it would have saved
-            print(f"warning: could not write the token cache {path} ({e}); continuing", file=sys.stderr, flush=True)
+            _log.warning(f"could not write the token cache {path} ({e}); continuing")
     return out
 
 

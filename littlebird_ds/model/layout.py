@@ -98,7 +98,7 @@ class BlockLayout:
     def allowed(self) -> torch.Tensor:
         """``[B, l, l]`` bool token-to-token pattern (block 0 + window). For dense references
         and tests only: it is quadratic in length."""
-        b, n = self.block_size, self.num_blocks
+        b = self.block_size
         kblock = torch.arange(self.length, device=self.key_mask.device) // b  # [l]
         wb = self.window_blocks()  # [B, n, 3]
         in_window = (kblock.view(1, 1, 1, -1) == wb.unsqueeze(-1)).any(dim=2)  # [B, n, l]

@@ -29,6 +29,7 @@ else in a file is refused, never unpickled.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import hashlib
 import importlib
@@ -38,7 +39,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from ..utils.io import TMP_PREFIX, atomic_write_text, fsync_dir
+
+_log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META = "littlebird_checkpoint.json"
@@ -351,7 +353,7 @@ class CheckpointManager:
 
     def _warn(self, message: str) -> None:
         if self.rank == 0:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            _log.warning(message)
 
     def load(self, engine, tag: str) -> dict:
         """Load ``tag`` into ``engine`` (model, optimizer, scheduler) and restore this rank's RNG.

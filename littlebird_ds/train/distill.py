@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,8 @@ from torch import nn
 from ..config import LittleBirdConfig
 from ..model import LittleBirdForMaskedLM
 from ..model.modeling import masked_logits_kwargs
+
+_log = logging.getLogger(__name__)
 
 
 def _encoder_parts(teacher: nn.Module):
@@ -329,7 +333,6 @@ def distill_step(student, teacher: nn.Module, loss: DistillationLoss, batch: dic
 
 def run_distillation(args):
     """The ``distill`` command; returns the engine's ``TrainResult``."""
-    import sys
     import time
 
     from ..data.corpus import load_corpus, split_corpus
@@ -380,9 +383,9 @@ def run_distillation(args):
     eval_batches = fixed_eval_batches(val_set, tokenizer, batch_size=batch_size, max_examples=args.eval_examples,
                                       seed=args.seed, mask_rate=args.mask_rate or 0.15)
     if main:
-        print(f"distill: teacher {teacher_path} ({type(teacher).__name__}, {'with' if hasattr(teacher, 'cls') or hasattr(teacher, 'lm_head') else 'no'} "
-              f"MLM head) | examples train {len(train_set)} validation {len(val_set)} of {max_len} tokens | "
-              f"data ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        _log.info(f"distill: teacher {teacher_path} ({type(teacher).__name__}, {'with' if hasattr(teacher, 'cls') or hasattr(teacher, 'lm_head') else 'no'} "
+                  f"MLM head) | examples train {len(train_set)} validation {len(val_set)} of {max_len} tokens | "
+                  f"data ready in {time.perf_counter() - t0:.1f} s")
 
     layer_map = parse_layer_map(getattr(args, "layer_map", None), student_cfg.num_hidden_layers,
                                 teacher.config.num_hidden_layers)

@@ -65,6 +65,7 @@ import importlib
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -82,6 +83,8 @@ import torch
 from ..utils.io import atomic_write_json, atomic_write_text, free_port
 from ..parallel import apply_activation_checkpointing, initialize_model_parallel, parallelize
 from .checkpoint import CheckpointManager, read_meta
+
+_log = logging.getLogger(__name__)
 
 #: The built-in config when ``--deepspeed`` is not given: plain data parallel, fp32.
 DEFAULT_DS_CONFIG: dict[str, Any] = {
@@ -704,7 +707,7 @@ class Trainer:
             )
         prepare_environment(getattr(a, "local_rank", None))
         if getattr(a, "release_memory", False) and on_cpu() and not release_freed_memory():
-            print("--release-memory: this C library has no mallopt (not glibc); ignored", file=sys.stderr)
+            _log.warning("--release-memory: this C library has no mallopt (not glibc); ignored")
         init_process_group()
         import torch.distributed as dist
 
@@ -886,14 +889,14 @@ class Trainer:
             tag = found[0]
             if tag is None:
                 if self.rank == 0:
-                    print(f"--resume: no checkpoint under {ckpt.root}; starting from step 0", flush=True)
+                    _log.info(f"--resume: no checkpoint under {ckpt.root}; starting from step 0")
             else:
                 self._check_resumable(ckpt.root / tag)
                 client = ckpt.load(self.engine, tag)
                 step = int(client["step"])
                 self.data_skip = int(client.get("data_skip", 0))
                 if self.rank == 0:
-                    print(f"--resume: continuing from step {step} of {a.max_steps} ({ckpt.root / tag})", flush=True)
+                    _log.info(f"--resume: continuing from step {step} of {a.max_steps} ({ckpt.root / tag})")
         if self.rank == 0:
             # The settings this run ran with (every flag, after defaults and launcher folding) and
             # what it resolved: the layout and the batch arithmetic. Written once --resume has found
@@ -954,9 +957,9 @@ class Trainer:
                         logger.log({"step": step, "loss": loss_val, "lr": lr, "rewound_to": back_to,
                                     "data_skipped_steps": step - back_to})
                         if self.rank == 0:
-                            print(f"warning: the loss is {loss_val} at step {step}: rewound to {ckpt.root / good} "
-                                  f"(step {back_to}), skipping the data of {step - back_to} step(s); "
-                                  f"{rewinds_left} rewind(s) left", file=sys.stderr, flush=True)
+                            _log.warning(f"the loss is {loss_val} at step {step}: rewound to {ckpt.root / good} "
+                                         f"(step {back_to}), skipping the data of {step - back_to} step(s); "
+                                         f"{rewinds_left} rewind(s) left")
                         step = back_to
                         for later in [k for k in result.losses if k > step]:  # replayed on other data
                             del result.losses[later]

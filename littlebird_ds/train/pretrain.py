@@ -42,9 +42,9 @@ already returns the SBO fields.
 
 from __future__ import annotations
 
+import logging
 import argparse
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -63,6 +63,8 @@ from ..data.mlm import (
 from ..data.tokenizer import load_tokenizer
 from ..model.modeling import masked_logits_kwargs
 from .presets import MODEL_KINDS, PRESETS, build_config, build_model, max_positions
+
+_log = logging.getLogger(__name__)
 
 
 
@@ -304,9 +306,8 @@ def prepare_pretraining(args) -> PretrainSetup:
         "data_seconds": round(time.perf_counter() - t0, 2),
     }
     if main:
-        print(f"pretrain: {kind} | documents {stats['documents']} | tokens {stats['tokens']} | "
-              f"examples of {max_len} tokens {stats['examples']} | data ready in {stats['data_seconds']} s",
-              file=sys.stderr, flush=True)
+        _log.info(f"pretrain: {kind} | documents {stats['documents']} | tokens {stats['tokens']} | "
+                  f"examples of {max_len} tokens {stats['examples']} | data ready in {stats['data_seconds']} s")
 
     init_from = args.init_from
 
