@@ -348,7 +348,7 @@ class Pipeline:
 
     def stage_teacher(self) -> dict:
         s = self.s
-        self._run("teacher", ["pretrain", "--model", "bert", "--preset", self.o.preset, *self._pretrain_data(),
+        self._run("teacher", ["pretrain", "--model-type", "bert", "--preset", self.o.preset, *self._pretrain_data(),
                               "--tokenizer", str(self.tokenizer_dir()), "--max-length", str(s["teacher_length"])]
                   + self._train_common(self.dir("teacher"), s["teacher_steps"]), train=True)
         return {"teacher": str(self.teacher_dir())}
@@ -384,7 +384,7 @@ class Pipeline:
 
     def stage_further(self) -> dict:
         s = self.s
-        self._run("further", ["pretrain", "--model", "littlebird", "--init-from", str(self.dir("distill") / "final"),
+        self._run("further", ["pretrain", "--model-type", "littlebird", "--init-from", str(self.dir("distill") / "final"),
                               *self._pretrain_data(), "--tokenizer", str(self.tokenizer_dir()),
                               "--max-length", str(s["further_length"]), "--padding-insertion", "0.5",
                               "--pi-max-length", str(4 * s["further_length"])]

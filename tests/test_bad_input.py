@@ -103,7 +103,7 @@ CASES: list[tuple[str, list[str], str, bool]] = [
 def _expand(argv: list[str], ws: Path) -> list[str]:
     tok, corpus, model = str(ws / "tok"), str(ws / "corpus.txt"), str(ws / "model")
     groups = {
-        "{pretrain}": ["--model", "littlebird", "--preset", "tiny", "--corpus", corpus, "--tokenizer", tok,
+        "{pretrain}": ["--model-type", "littlebird", "--preset", "tiny", "--corpus", corpus, "--tokenizer", tok,
                        "--max-length", "128", "--max-steps", "1", "--out", str(ws / "new-run")],
         "{finetune}": ["--model", model, "--validation", str(ws / "qa.json"), "--max-length", "128",
                        "--max-steps", "1", "--out", str(ws / "new-run")],

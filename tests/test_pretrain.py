@@ -256,7 +256,7 @@ def test_error_max_length_beyond_bert_positions(slice_dir, tmp_path):
         prepare_pretraining(args)
     args = _args(_common(slice_dir, tmp_path, "--model", "bert", "--preset", "tiny", "--max-length", "512",
                          "--padding-insertion", "0.5", "--pi-max-length", "2048"))
-    with pytest.raises(ValueError, match="--padding-insertion needs --model littlebird"):
+    with pytest.raises(ValueError, match="--padding-insertion needs --model-type littlebird"):
         prepare_pretraining(args)
 
 

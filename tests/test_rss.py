@@ -158,7 +158,7 @@ def test_pretraining_with_rss_learns_to_point_and_saves_a_qa_ready_model(setup, 
 def test_rss_flag_errors(setup, tmp_path):
     root, _, _ = setup
     base = ["--tokenizer", str(root / "tok"), "--corpus", str(root / "corpus"), "--out", str(tmp_path / "x")]
-    with pytest.raises(ValueError, match="--rss-weight needs --model littlebird"):
+    with pytest.raises(ValueError, match="--rss-weight needs --model-type littlebird"):
         prepare_pretraining(_args(base + ["--model", "bert", "--preset", "tiny", "--max-length", "64",
                                           "--rss-weight", "1"]))
     with pytest.raises(ValueError, match="--rss-weight -1.0 must be >= 0"):

@@ -9,9 +9,9 @@ OUT/final (model and tokenizer, save_pretrained). Runs single-process, or under 
 the deepspeed launcher and accelerate launch.
 
 Examples:
-  littlebird-ds pretrain --model littlebird --preset tiny --tokenizer out/tok \\
+  littlebird-ds pretrain --model-type littlebird --preset tiny --tokenizer out/tok \\
       --corpus chichewa-bible --max-length 1024 --max-steps 2000 --lr 1e-3 --out out/lb
-  littlebird-ds pretrain --model bert --preset tiny --tokenizer out/tok \\
+  littlebird-ds pretrain --model-type bert --preset tiny --tokenizer out/tok \\
       --corpus chichewa-bible --max-length 512 --max-steps 2000 --lr 1e-3 --out out/teacher
   torchrun --nproc-per-node 2 -m littlebird_ds.cli pretrain ... --deepspeed ds_configs/zero2_fp32.json
 """

@@ -261,7 +261,7 @@ def load_teacher(path: str) -> nn.Module:
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"teacher directory {path} does not exist; pass a Hugging Face model directory "
-                                "(e.g. OUT/final of `littlebird-ds pretrain --model bert`) or 'minilm'")
+                                "(e.g. OUT/final of `littlebird-ds pretrain --model-type bert`) or 'minilm'")
     model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
     if _mlm_head_missing(info):  # no MLM head in the checkpoint: a randomly initialised head would teach noise
         model = AutoModel.from_pretrained(path)

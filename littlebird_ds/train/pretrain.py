@@ -76,14 +76,15 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     from .engine import add_training_arguments
 
     g = parser.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_KINDS, default=None,
-                   help="littlebird (default) or bert (the 512-position teacher, HF BertForMaskedLM)")
+    g.add_argument("--model-type", "--model", dest="model", choices=MODEL_KINDS, default=None,
+                   help="littlebird (default) or bert (the 512-position teacher, HF BertForMaskedLM); --model is "
+                        "the older spelling (elsewhere --model is a model folder)")
     g.add_argument("--preset", default="base", metavar="NAME|FILE",
                    help=f"preset ({', '.join(PRESETS['littlebird'])}) or a JSON/YAML file of config fields "
                         "(default base)")
     g.add_argument("--init-from", metavar="DIR", default=None,
                    help="continue from a saved model (save_pretrained directory, e.g. a previous OUT/final); "
-                        "its kind and config win over --model/--preset")
+                        "its kind and config win over --model-type/--preset")
     d = parser.add_argument_group("data")
     d.add_argument("--corpus", required=True, help="corpus path or built-in name (e.g. chichewa-bible)")
     d.add_argument("--text-field", default="text", help="JSON/dataset field holding the text")
@@ -225,7 +226,7 @@ def _resolve_model(args) -> tuple[str, Any]:
         raise ValueError(f"--init-from {p} holds a {config.model_type!r} model; pretrain continues LittleBird or "
                          "BERT models only")
     if args.model is not None and args.model != kind:
-        raise ValueError(f"--model {args.model} contradicts --init-from {p}, which holds a {kind} model; drop --model")
+        raise ValueError(f"--model-type {args.model} contradicts --init-from {p}, which holds a {kind} model; drop --model-type")
     return kind, config
 
 
@@ -262,7 +263,7 @@ def prepare_pretraining(args) -> PretrainSetup:
         raise ValueError(f"--padding-insertion is a probability in [0, 1], got {pi}")
     if pi > 0:
         if kind != "littlebird":
-            raise ValueError("--padding-insertion needs --model littlebird: inserted pads keep their positions, "
+            raise ValueError("--padding-insertion needs --model-type littlebird: inserted pads keep their positions, "
                              "which only LittleBird's position bias handles beyond 512 tokens")
         if pi_max is None or pi_max < max_len:
             raise ValueError(f"--padding-insertion needs --pi-max-length N >= --max-length {max_len} (e.g. 4 x)")
@@ -277,7 +278,7 @@ def prepare_pretraining(args) -> PretrainSetup:
         raise ValueError(f"--rss-weight {rss_weight} must be >= 0 (0: no recurring span selection)")
     if rss_weight:
         if kind != "littlebird":
-            raise ValueError("--rss-weight needs --model littlebird: the span-selection head is LittleBird's")
+            raise ValueError("--rss-weight needs --model-type littlebird: the span-selection head is LittleBird's")
         if rss_q < 1:
             raise ValueError(f"--rss-max-questions {rss_q} must be >= 1")
 
