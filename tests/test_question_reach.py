@@ -1,4 +1,4 @@
-"""The question-reach probe (benchmarks/question_reach.py) asks only what it claims to ask."""
+"""The question-reach probe (experiments/question_reach.py) asks only what it claims to ask."""
 
 import importlib.util
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "question_reach.py")
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "question_reach.py")
 
 
 @pytest.fixture(scope="module")

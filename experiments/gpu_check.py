@@ -1,7 +1,7 @@
 """GPU check of the attention kernels: flex vs eager/blocked parity in bf16, then timings.
 
-    python benchmarks/gpu_check.py                 # on a GPU machine, under 5 minutes
-    python benchmarks/gpu_check.py --device cpu --lengths 512 --parity-length 256   # logic smoke test
+    python experiments/gpu_check.py                 # on a GPU machine, under 5 minutes
+    python experiments/gpu_check.py --device cpu --lengths 512 --parity-length 256   # logic smoke test
 
 1. Parity (bf16 inputs, fp32 ``eager`` as the reference): outputs and input gradients of
    ``flex`` and ``blocked`` against ``eager`` run in fp32 on the same bf16-rounded inputs, at

