@@ -85,7 +85,7 @@ def main() -> None:
                             max_position_embeddings=max(512, args.length), **overrides)
     else:
         model = build_model("littlebird", args.preset, len(tok), pad, head="qa", block_size=args.block_size, **overrides)
-    from littlebird_ds.train.engine import param_groups
+    from littlebird_ds.train.optim import param_groups
 
     opt = torch.optim.AdamW(param_groups(model, 0.01, bialibi_lr_scale=args.bialibi_lr_scale, lr=args.lr), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(

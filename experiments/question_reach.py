@@ -116,7 +116,7 @@ def evaluate(model, lengths, args) -> dict:
 def run_variant(name: str, pi_max: int, overrides: dict, args) -> dict:
     from littlebird_ds.data.padding_insertion import insert_padding_batch
     from littlebird_ds.model import LittleBirdModel
-    from littlebird_ds.train.engine import param_groups
+    from littlebird_ds.train.optim import param_groups
     from littlebird_ds.train.presets import build_config
 
     torch.manual_seed(args.seed)

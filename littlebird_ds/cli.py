@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
+
+from .utils.log import LEVEL_ENV, LOG_LEVELS, configure_logging
 
 # name -> module path. Keep sorted by pipeline order.
 COMMANDS: dict[str, str] = {
@@ -148,35 +149,10 @@ def _one_line(command: str, message: str) -> str:
     return f"littlebird-ds {command}: error: {message}"
 
 
-#: ``--log-level`` values (anywhere on the command line, like ``--debug``; or ``$LITTLEBIRD_DS_LOG_LEVEL``).
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class _LogFormatter(logging.Formatter):
-    """INFO lines as plain text (status lines), other levels prefixed: ``warning: ...``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a message is emitted (a handler that kept the
-    stream it was made with would write into a closed capture after a test or a redirect)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
 def take_log_level(argv: list[str]) -> tuple[list[str], str]:
     """Remove ``--log-level L`` / ``--log-level=L`` from ``argv``; returns the rest and the level
     (default ``$LITTLEBIRD_DS_LOG_LEVEL``, else ``info``)."""
-    level = os.environ.get("LITTLEBIRD_DS_LOG_LEVEL", "info").lower()
+    level = os.environ.get(LEVEL_ENV, "info").lower()
     rest: list[str] = []
     i = 0
     while i < len(argv):
@@ -192,20 +168,6 @@ def take_log_level(argv: list[str]) -> tuple[list[str], str]:
     if level not in LOG_LEVELS:
         raise SystemExit(f"littlebird-ds: error: --log-level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     return rest, level
-
-
-def configure_logging(level: str) -> None:
-    """The package's messages (``littlebird_ds.*`` loggers) on stderr at ``level``; other
-    libraries' own loggers at WARNING. The level goes into the environment, so the commands the
-    pipeline and the launchers start log the same way; ``debug`` lets transformers talk too."""
-    handler = _StderrHandler()
-    handler.setFormatter(_LogFormatter("%(message)s"))
-    package = logging.getLogger("littlebird_ds")
-    package.handlers[:] = [handler]
-    package.setLevel(level.upper())
-    os.environ["LITTLEBIRD_DS_LOG_LEVEL"] = level
-    if level == "debug":
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
 
 
 def main(argv: list[str] | None = None) -> int:

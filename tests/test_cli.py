@@ -52,7 +52,8 @@ def test_log_level_anywhere_on_the_command_line_filters_the_package_messages(tmp
     the status line, ``info`` shows both; a bad level is a one-line error naming the choices."""
     import logging
 
-    from littlebird_ds.cli import configure_logging, take_log_level
+    from littlebird_ds.cli import take_log_level
+    from littlebird_ds.utils.log import configure_logging
 
     monkeypatch.delenv("LITTLEBIRD_DS_LOG_LEVEL", raising=False)
     assert take_log_level(["info", "--log-level", "warning", "--json"]) == (["info", "--json"], "warning")

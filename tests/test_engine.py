@@ -487,7 +487,8 @@ def _args(**kw):
 
 
 def test_shipped_ds_configs_resolve():
-    from littlebird_ds.train.engine import fill_optimizer_params, load_ds_config, offloads_optimizer, resolve_ds_config
+    from littlebird_ds.train.optim import fill_optimizer_params
+    from littlebird_ds.train.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config
 
     names = sorted(p.name for p in DS_CONFIGS.glob("*.json"))
     expected = sorted(f"zero{s}_{p}.json" for s in (0, 1, 2, 3) for p in ("fp32", "bf16")) + \
@@ -508,7 +509,7 @@ def test_shipped_ds_configs_resolve():
 
 
 def test_global_batch_size_sets_the_accumulation_for_any_number_of_ranks():
-    from littlebird_ds.train.engine import resolve_ds_config
+    from littlebird_ds.train.ds_config import resolve_ds_config
 
     def split(dp, **kw):
         cfg = resolve_ds_config(_args(global_batch_size=16, **kw), dp_size=dp)
@@ -526,7 +527,7 @@ def test_global_batch_size_sets_the_accumulation_for_any_number_of_ranks():
 
 
 def test_missing_ds_config_error(tmp_path):
-    from littlebird_ds.train.engine import resolve_ds_config
+    from littlebird_ds.train.ds_config import resolve_ds_config
 
     missing = tmp_path / "nope.json"
     with pytest.raises(FileNotFoundError, match=r"nope\.json does not exist.*ds_configs"):
@@ -534,7 +535,7 @@ def test_missing_ds_config_error(tmp_path):
 
 
 def test_malformed_ds_config_errors(tmp_path):
-    from littlebird_ds.train.engine import resolve_ds_config
+    from littlebird_ds.train.ds_config import resolve_ds_config
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2},\n "bf16": {enabled: true}}')
@@ -599,7 +600,7 @@ def test_resume_with_other_bialibi_lr_scale_error(tmp_path):
 # Pieces: schedule, weight-decay groups, data positioning, atomic pointer
 # ---------------------------------------------------------------------------------------------
 def test_lr_schedule_warmup_then_decay():
-    from littlebird_ds.train.engine import lr_lambda
+    from littlebird_ds.train.optim import lr_lambda
 
     f = lr_lambda(4, 14, "linear")
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -610,7 +611,7 @@ def test_lr_schedule_warmup_then_decay():
 
 def test_no_weight_decay_for_biases_layernorms_bialibi(tiny):
     from littlebird_ds import LittleBirdForMaskedLM
-    from littlebird_ds.train.engine import param_groups
+    from littlebird_ds.train.optim import param_groups
 
     model = LittleBirdForMaskedLM(tiny())
     decay, no_decay = param_groups(model, 0.1)
@@ -626,7 +627,7 @@ def test_no_weight_decay_for_biases_layernorms_bialibi(tiny):
 
 def test_bialibi_lr_scale_gives_the_slopes_their_own_faster_group(tiny):
     from littlebird_ds import LittleBirdForMaskedLM
-    from littlebird_ds.train.engine import param_groups
+    from littlebird_ds.train.optim import param_groups
 
     model = LittleBirdForMaskedLM(tiny())
     groups = param_groups(model, 0.1, bialibi_lr_scale=100.0, lr=1e-4)
@@ -650,7 +651,7 @@ def test_bialibi_lr_scale_gives_the_slopes_their_own_faster_group(tiny):
 
 
 def test_dataset_batches_position_and_sharding():
-    from littlebird_ds.train.engine import dataset_batches
+    from littlebird_ds.train.batches import dataset_batches
 
     data = [torch.tensor([i]) for i in range(10)]
     f = dataset_batches(data, None, batch_size=2, seed=0)
@@ -695,7 +696,7 @@ import gc, sys, torch
 from littlebird_ds.config import LittleBirdConfig
 from littlebird_ds.model.modeling import LittleBirdForMaskedLM
 from littlebird_ds.parallel import apply_activation_checkpointing
-from littlebird_ds.train.engine import release_freed_memory
+from littlebird_ds.train.distributed import release_freed_memory
 if sys.argv[1] == "release":
     assert release_freed_memory()
 def mb(field):

@@ -197,7 +197,8 @@ def test_a_diverged_run_stops_with_one_line_keeps_the_last_good_checkpoint_and_w
 def test_megatron_style_deepspeed_flags_name_the_same_config():
     import argparse
 
-    from littlebird_ds.train.engine import add_training_arguments, deepspeed_config_path
+    from littlebird_ds.train.engine import add_training_arguments
+    from littlebird_ds.train.ds_config import deepspeed_config_path
 
     p = add_training_arguments(argparse.ArgumentParser())
     cfg = "ds_configs/zero2_fp32.json"

@@ -47,7 +47,7 @@ def measure(system: str, length: int, size_name: str, kernel: str, modes: list[s
     import torch
 
     if release_memory:  # before anything large is allocated
-        from littlebird_ds.train.engine import release_freed_memory
+        from littlebird_ds.train.distributed import release_freed_memory
 
         release_memory = release_freed_memory()
 

@@ -20,6 +20,12 @@ A command supplies four things and the engine does the rest::
         result = trainer.fit()                    # OUT/final holds the HF model + tokenizer
         finish_worker()                           # barrier + os._exit(0): see its docstring
 
+The loop and its arguments live here; each piece it uses has its own module:
+:mod:`.distributed` (process group, DeepSpeed on CPU, worker exit), :mod:`.ds_config`
+(DeepSpeed configs and batch arithmetic), :mod:`.optim` (parameter groups, schedule),
+:mod:`.batches` (data order), :mod:`.checkpoint` (atomic, verified checkpoints) and
+:mod:`.metrics` (metrics.jsonl, TensorBoard, W&B).
+
 What the engine does, in order:
 
 1. Process group: joins the one a launcher describes (``torchrun``, ``deepspeed`` with
@@ -63,16 +69,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import itertools
-import json
 import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,26 +83,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.io import atomic_write_json, atomic_write_text, free_port
+from ..utils.io import atomic_write_json
+from ..utils.log import ensure_logging
 from ..parallel import apply_activation_checkpointing, initialize_model_parallel, parallelize
+from .batches import BatchIteratorFactory, count_tokens, dataset_batches, to_device
 from .checkpoint import CheckpointManager, read_meta
+from .distributed import finish_worker, init_process_group, on_cpu, prepare_environment, release_freed_memory
+from .ds_config import base_ds_config, deepspeed_config_path, offloads_optimizer, resolve_ds_config
+from .metrics import MetricsLogger
+from .optim import ADAM_BETAS, ADAM_EPS, fill_optimizer_params, lr_lambda, param_groups
+
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "add_training_arguments", "finish_worker",
+           "normalize_training_args", "seed_micro_batch"]
 
 _log = logging.getLogger(__name__)
-
-#: The built-in config when ``--deepspeed`` is not given: plain data parallel, fp32.
-DEFAULT_DS_CONFIG: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": 1.0,
-    "zero_optimization": {"stage": 0},
-    "bf16": {"enabled": False},
-    "fp16": {"enabled": False},
-    "steps_per_print": 1_000_000_000,
-    "wall_clock_breakdown": False,
-}
-
-#: Parameters whose name contains one of these get no weight decay.
-NO_DECAY_MARKERS = ("bias", "layernorm", "layer_norm", "bialibi", "packed_init")
 
 AC_POLICIES = ("none", "full", "every_k")
 
@@ -171,21 +168,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def deepspeed_config_path(args) -> str | None:
-    """The DeepSpeed config file the arguments name: ``--deepspeed PATH``, or Megatron/DeepSpeed style
-    ``--deepspeed --deepspeed_config PATH`` (or ``--deepspeed_config PATH`` alone); ``None`` for the built-in
-    default. Raises ``ValueError`` when the two name different files or ``--deepspeed`` names none."""
-    flag = getattr(args, "deepspeed", None)
-    config = getattr(args, "deepspeed_config", None)
-    path = flag if isinstance(flag, (str, os.PathLike)) else None
-    if path is not None and config is not None and Path(path) != Path(config):
-        raise ValueError(f"--deepspeed {path} and --deepspeed_config {config} name different configs; pass one")
-    if flag is True and config is None:
-        raise ValueError("--deepspeed without a path needs --deepspeed_config PATH (Megatron style), "
-                         "or pass --deepspeed PATH (e.g. ds_configs/zero2_fp32.json)")
-    return str(path if path is not None else config) if (path or config) else None
-
-
 def normalize_training_args(args):
     """Check the engine's flags once, before anything is written, and fold the launchers' spellings into
     one: ``args.deepspeed`` becomes the config path (or ``None``). Returns ``args``."""
@@ -217,410 +199,6 @@ def normalize_training_args(args):
 
 def _args_value(args, name: str, default=None):
     return getattr(args, name, default) if getattr(args, name, None) is not None else default
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment and process group
-# ---------------------------------------------------------------------------------------------
-def on_cpu() -> bool:
-    """True when training runs on CPU (no CUDA device, or ``DS_ACCELERATOR=cpu``)."""
-    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
-
-
-def prepare_environment(local_rank: int | None = None) -> None:
-    """Make the process group environment complete and DeepSpeed usable on this machine.
-
-    Call before importing deepspeed (the engine does). Without a launcher it describes a
-    1-process group on 127.0.0.1; with the ``deepspeed`` launcher's ``--local_rank`` it sets
-    ``LOCAL_RANK``. On CPU it selects DeepSpeed's CPU accelerator.
-    """
-    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
-        exit_with_launcher()
-    else:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if local_rank is not None and "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(local_rank)
-    os.environ.setdefault("LOCAL_RANK", "0")
-    if on_cpu():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def exit_with_launcher(sig: int = signal.SIGKILL) -> bool:
-    """Make this worker die with the process that started it (the launcher), so no orphan keeps
-    training and writing checkpoints beside a restarted or resumed job. Returns False where the
-    OS has no such request (not Linux).
-
-    torchrun starts its workers in sessions of their own, so killing the launcher's process group
-    leaves them running; Linux's ``prctl(PR_SET_PDEATHSIG)`` delivers ``sig`` to this process when
-    its parent exits, whatever kills the parent. SIGKILL, because a launcher that died cannot
-    restart or collect anything, and checkpoints are written atomically (a save cut short
-    leaves the previous one as ``latest``). Nothing maintained wraps this one call in the
-    dependencies (torch's elastic agent only handles signals it receives itself)."""
-    libc = _libc() if sys.platform.startswith("linux") else None
-    if libc is None:
-        return False
-    parent = os.getppid()
-    try:
-        pr_set_pdeathsig = 1  # <sys/prctl.h>
-        if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
-            return False
-    except AttributeError:
-        return False
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os._exit(1)
-    return True
-
-
-def release_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
-    """Make glibc serve every allocation of at least ``threshold_bytes`` with its own mapping,
-    returned to the OS when freed. Returns False where that is not available (not glibc).
-
-    By default glibc raises this threshold to the size of the largest block freed so far (up
-    to 32 MiB), so the activation tensors of a long document come from the heap and stay
-    resident after they are freed: a training step's resident peak then holds the forward's
-    freed activations on top of the backward's (measured: base size, 4,096 tokens, full
-    activation checkpointing, 2.6 GB above the model without this, 1.0-1.2 GB with it). The
-    price is fresh zeroed pages for every large tensor, about 30% more step time there. Torch
-    has no CPU caching-allocator knob for this; glibc's ``mallopt(M_MMAP_THRESHOLD)`` is the
-    documented control (setting it also turns the dynamic raise off)."""
-    libc = _libc()
-    try:
-        m_mmap_threshold = -3  # <malloc.h>
-        return libc is not None and bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
-    except AttributeError:
-        return False
-
-
-def _libc():
-    """The C library through ctypes, or ``None`` where it cannot be found or loaded."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-def init_process_group() -> None:
-    """Initialise torch.distributed and DeepSpeed's comm layer (gloo on CPU, nccl on GPU)."""
-    import torch.distributed as dist
-
-    backend = "gloo" if on_cpu() else "nccl"
-    if on_cpu():
-        # DeepSpeed JIT-compiles a shared-memory allreduce op on CPU init (about a minute);
-        # only the ccl backend uses it, so with gloo skip the build. import_module, because
-        # ``import deepspeed.comm.torch as m`` binds the real ``torch`` package.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if not dist.is_initialized():
-        if not on_cpu():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend=backend)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend)
-
-
-def finish_worker(exit_code: int = 0) -> None:
-    """End a distributed worker: flush, barrier, then ``os._exit``.
-
-    ZeRO-3 workers can abort at interpreter exit ("terminate called without an active
-    exception") while DeepSpeed's hooks are torn down; exiting without teardown after a
-    final barrier avoids it. Call as the last statement of a training script.
-    """
-    import torch.distributed as dist
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        except Exception:  # noqa: BLE001 - exiting anyway; a peer already failed
-            exit_code = exit_code or 1
-    os._exit(exit_code)
-
-
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed config
-# ---------------------------------------------------------------------------------------------
-def load_ds_config(path: str | os.PathLike | None) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config; ``None`` gives a copy of :data:`DEFAULT_DS_CONFIG`.
-
-    Raises ``FileNotFoundError``/``ValueError`` naming the file and the problem.
-    """
-    if path is None:
-        return json.loads(json.dumps(DEFAULT_DS_CONFIG))
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"DeepSpeed config {p} does not exist; pass one of ds_configs/*.json "
-            "(e.g. --deepspeed ds_configs/zero2_fp32.json) or omit --deepspeed for plain data parallel"
-        )
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"DeepSpeed config {p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"DeepSpeed config {p} must be a JSON object, got {type(cfg).__name__}")
-    if "zero_optimization" not in cfg:
-        raise ValueError(
-            f"DeepSpeed config {p} has no 'zero_optimization' key; add e.g. "
-            '"zero_optimization": {"stage": 0} (see ds_configs/README.md)'
-        )
-    zo = cfg["zero_optimization"]
-    if not isinstance(zo, dict) or zo.get("stage") not in (0, 1, 2, 3):
-        raise ValueError(
-            f"DeepSpeed config {p}: 'zero_optimization' must be an object with 'stage' 0, 1, 2 or 3, got {zo!r}"
-        )
-    return cfg
-
-
-def _fill(cfg: dict, key: str, cli_value: int | None, default: int, flag: str, source: str) -> int:
-    value = cfg.get(key, "auto")
-    if value == "auto":
-        value = cli_value if cli_value is not None else default
-    elif cli_value is not None and int(value) != cli_value:
-        raise ValueError(
-            f"{flag} {cli_value} contradicts {key}={value} in {source}; set {key} to \"auto\" in the config "
-            f"or drop {flag}"
-        )
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r} (from {source} or {flag})")
-    cfg[key] = value
-    return value
-
-
-def _split_global_batch(global_batch: int, micro: int | None, accum: int | None, dp_size: int) -> tuple[int, int]:
-    """``(micro-batch, accumulation)`` for ``--global-batch-size``: ``G = micro x accum x dp``."""
-    if global_batch % dp_size:
-        raise ValueError(f"--global-batch-size {global_batch} does not split over {dp_size} data-parallel ranks; "
-                         f"pass a multiple of {dp_size}")
-    per_rank = global_batch // dp_size
-    if micro is None:
-        micro = max(1, per_rank // (accum or 1))
-    if per_rank % micro:
-        raise ValueError(f"--global-batch-size {global_batch} is {per_rank} examples per data-parallel rank "
-                         f"({dp_size} rank(s)), not a whole number of micro-batches of {micro}; pass a --batch-size "
-                         f"that divides {per_rank}")
-    if accum is not None and accum != per_rank // micro:
-        raise ValueError(f"--grad-accum {accum} contradicts --global-batch-size {global_batch} = --batch-size {micro} x "
-                         f"{per_rank // micro} accumulation steps x {dp_size} rank(s); drop --grad-accum")
-    return micro, per_rank // micro
-
-
-def offloads_optimizer(cfg: Mapping) -> bool:
-    dev = (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    return dev not in (None, "none")
-
-
-def resolve_ds_config(args, dp_size: int, source: str = "built-in default") -> dict[str, Any]:
-    """The final DeepSpeed config: file (or default) with the batch fields and precision filled.
-
-    Under ``accelerate launch`` with a DeepSpeed plugin and no ``--deepspeed``, the plugin's
-    settings (ZeRO stage, offload, clipping) come from accelerate's environment.
-    """
-    cfg, source = _base_ds_config(args, source)
-    global_batch = getattr(args, "global_batch_size", None)
-    micro_flag, accum_flag = getattr(args, "batch_size", None), getattr(args, "grad_accum", None)
-    if global_batch is not None:
-        micro_flag, accum_flag = _split_global_batch(int(global_batch), micro_flag, accum_flag, dp_size)
-    micro = _fill(cfg, "train_micro_batch_size_per_gpu", micro_flag, 8, "--batch-size", source)
-    accum = _fill(cfg, "gradient_accumulation_steps", accum_flag, 1, "--grad-accum", source)
-    total = micro * accum * dp_size
-    if cfg.get("train_batch_size", "auto") not in ("auto", total):
-        raise ValueError(
-            f"train_batch_size={cfg['train_batch_size']} in {source} is not micro-batch {micro} x grad-accum "
-            f"{accum} x data-parallel {dp_size} = {total}; set it to \"auto\""
-        )
-    cfg["train_batch_size"] = total
-    if getattr(args, "bf16", False) or os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16":
-        cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": True}
-        cfg["fp16"] = {"enabled": False}
-    if (cfg.get("fp16") or {}).get("enabled"):
-        raise ValueError(f"{source} enables fp16; LittleBird trains in fp32 or bf16: use a *_bf16.json config")
-    cfg.setdefault("steps_per_print", 1_000_000_000)
-    return cfg
-
-
-def _base_ds_config(args, source: str = "built-in default") -> tuple[dict[str, Any], str]:
-    """The config as given, before the batch fields are filled, and where it came from:
-    ``--deepspeed``, accelerate's DeepSpeed plugin, or the built-in default."""
-    path = deepspeed_config_path(args)
-    cfg = load_ds_config(path)
-    if path is not None:
-        return cfg, str(path)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return _config_from_accelerate_env(cfg), "accelerate's DeepSpeed plugin"
-    return cfg, source
-
-
-def _config_from_accelerate_env(base: dict) -> dict:
-    from accelerate.utils import DeepSpeedPlugin
-
-    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if config_file and config_file.lower() != "none":
-        return load_ds_config(config_file)
-    plugin = DeepSpeedPlugin()  # reads ACCELERATE_DEEPSPEED_* from the launcher's environment
-    cfg = json.loads(json.dumps(plugin.deepspeed_config, default=str))
-    zo = cfg.setdefault("zero_optimization", {"stage": 0})
-    for key in ("offload_optimizer", "offload_param"):
-        if isinstance(zo.get(key), dict) and zo[key].get("device") in (None, "none"):
-            zo.pop(key)
-    if cfg.get("gradient_clipping") in (None, "auto"):
-        cfg["gradient_clipping"] = base["gradient_clipping"]
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-        cfg[key] = "auto"
-    cfg.pop("optimizer", None)
-    cfg.pop("scheduler", None)
-    cfg.setdefault("bf16", {"enabled": False})
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer and schedule
-# ---------------------------------------------------------------------------------------------
-def param_groups(model: torch.nn.Module, weight_decay: float, *, bialibi_lr_scale: float = 1.0,
-                 lr: float | None = None) -> list[dict]:
-    """AdamW groups: decayed weights, and biases/LayerNorms/BiALiBi/packed sequence at 0.
-
-    With ``bialibi_lr_scale != 1`` the BiALiBi slopes get a third group at ``lr *
-    bialibi_lr_scale``. They are 3 scalars per head behind a softplus, and Adam moves a raw
-    value by about the learning rate per step, so at fine-tuning rates (1e-4) a few hundred
-    steps leave every head's left/right slopes where their shared initialisation put them.
-    """
-    if bialibi_lr_scale != 1.0 and (lr is None or bialibi_lr_scale <= 0):
-        raise ValueError(f"bialibi_lr_scale {bialibi_lr_scale} needs a positive scale and the base lr")
-    decay, no_decay, slopes = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lname = name.lower()
-        if bialibi_lr_scale != 1.0 and "bialibi" in lname:
-            slopes.append(p)
-        else:
-            (no_decay if p.ndim < 2 or any(m in lname for m in NO_DECAY_MARKERS) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if slopes:
-        groups.append({"params": slopes, "weight_decay": 0.0, "lr": lr * bialibi_lr_scale})
-    return [g for g in groups if g["params"]]
-
-
-#: AdamW's settings when the flags do not set them (the client optimizer uses the same).
-ADAM_BETAS, ADAM_EPS = [0.9, 0.999], 1e-8
-
-
-def fill_optimizer_params(ds_config: dict, *, lr: float, weight_decay: float) -> dict:
-    """A ds_config's ``optimizer.params`` as DeepSpeed needs them: ``lr`` always from ``--lr``
-    (the schedule scales it), and ``"auto"`` or missing ``weight_decay``/``betas``/``eps`` from the
-    flags and the defaults, the way the Hugging Face Trainer fills the same ``"auto"`` values (so
-    one config file serves both). The parameter groups' own ``weight_decay`` (none for biases,
-    LayerNorms and BiALiBi) and ``lr`` (the slopes' scale) override these defaults."""
-    params = ds_config["optimizer"].setdefault("params", {})
-    params["lr"] = lr
-    for key, value in (("weight_decay", weight_decay), ("betas", ADAM_BETAS), ("eps", ADAM_EPS)):
-        if params.get(key, "auto") == "auto":
-            params[key] = value
-    return ds_config
-
-
-def lr_lambda(warmup_steps: int, max_steps: int, decay: str = "linear", min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Multiplier of the peak lr after ``step`` scheduler steps: linear warmup from 0 over
-    ``warmup_steps``, then linear or cosine decay to ``min_ratio`` at ``max_steps``."""
-    if decay not in ("linear", "cosine"):
-        raise ValueError(f"lr decay must be 'linear' or 'cosine', got {decay!r}")
-
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, max_steps - warmup_steps)
-        t = min(1.0, (step - warmup_steps) / span)
-        shape = 1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-        return min_ratio + (1.0 - min_ratio) * shape
-
-    return f
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-#: ``batches(start_micro_step, dp_rank, dp_size) -> iterator`` of this rank's micro-batches,
-#: starting at global micro-step ``start_micro_step`` (see the module docstring for the order).
-BatchIteratorFactory = Callable[[int, int, int], Iterator[Any]]
-
-
-def dataset_batches(dataset, collate_fn: Callable | None, batch_size: int, seed: int,
-                    shuffle: bool = True) -> BatchIteratorFactory:
-    """A :data:`BatchIteratorFactory` over a map-style dataset (len + getitem) or an iterable.
-
-    Map-style: epoch ``e`` is a permutation drawn from ``torch.Generator`` seeded ``seed + e``
-    (or the identity with ``shuffle=False``); the last incomplete global batch of an epoch is
-    dropped, so every rank gets equal-size micro-batches. Positioning is O(1). Iterables
-    are read in order and positioned by skipping, which costs a pass over the skipped part.
-    """
-    collate = collate_fn or torch.utils.data.default_collate
-
-    def factory(start: int, dp_rank: int, dp_size: int) -> Iterator[Any]:
-        per_global = batch_size * dp_size
-        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-            n = len(dataset)
-            per_epoch = n // per_global
-            if per_epoch == 0:
-                raise ValueError(
-                    f"the training set has {n} samples, fewer than one global micro-batch "
-                    f"({batch_size} x {dp_size} data-parallel ranks); use a smaller --batch-size or more data"
-                )
-            m = start
-            while True:
-                epoch, i = divmod(m, per_epoch)
-                if shuffle:
-                    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-                else:
-                    order = list(range(n))
-                for j in range(i, per_epoch):
-                    lo = j * per_global + dp_rank * batch_size
-                    yield collate([dataset[k] for k in order[lo: lo + batch_size]])
-                m = (epoch + 1) * per_epoch
-        else:
-            def samples():
-                while True:  # restart the iterable at its end: a new pass
-                    empty = True
-                    for s in dataset:
-                        empty = False
-                        yield s
-                    if empty:
-                        raise ValueError("the training iterable yielded no samples")
-            it = samples()
-            for _ in itertools.islice(it, start * per_global):
-                pass
-            while True:
-                chunk = list(itertools.islice(it, per_global))
-                yield collate(chunk[dp_rank * batch_size:(dp_rank + 1) * batch_size])
-
-    return factory
-
-
-def count_tokens(batch) -> int:
-    """Non-pad tokens of a batch: ``attention_mask`` sum, else ``input_ids`` size, else 0."""
-    if isinstance(batch, Mapping):
-        if batch.get("attention_mask") is not None:
-            return int(batch["attention_mask"].sum())
-        if batch.get("input_ids") is not None:
-            return int(batch["input_ids"].numel())
-    return 0
-
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        moved = {k: _to_device(v, device) for k, v in batch.items()}
-        return moved if type(batch) is dict else type(batch)(moved)  # keeps BatchEncoding etc.
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +244,7 @@ class Trainer:
                  tokenizer=None, shuffle: bool = True):
         if (train_dataset is None) == (batches is None):
             raise ValueError("pass exactly one of train_dataset (with collate_fn) or batches")
+        ensure_logging()  # a script built on the engine shows its status lines and warnings too
         self.args = normalize_training_args(args)
         self.model_factory = model_factory
         self.loss_fn = loss_fn
@@ -686,7 +265,7 @@ class Trainer:
         if tp < 1 or sp < 1:
             raise ValueError(f"--tensor-parallel and --sequence-parallel must be >= 1, got {tp} and {sp}")
         if sp > 1:
-            cfg, source = _base_ds_config(a)  # whichever source: --deepspeed or accelerate's plugin
+            cfg, source = base_ds_config(a)  # whichever source: --deepspeed or accelerate's plugin
             if int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
                 # Measured (docs/scale.md, `littlebird-ds parity`): under DeepSpeed 0.19 ZeRO-3 with
                 # SP=2 leaves the one-process losses from the second step (also with its contiguous
@@ -910,7 +489,7 @@ class Trainer:
         if step == 0 and not a.resume and self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run: do not append to an old log
 
-        logger = _Logger(self.out, self.rank, resumed_at=step, wandb_project=getattr(a, "wandb_project", None),
+        logger = MetricsLogger(self.out, self.rank, resumed_at=step, wandb_project=getattr(a, "wandb_project", None),
                          settings=vars(a))
         if step == 0 and self.eval_fn is not None and getattr(a, "eval_at_start", True):
             self._evaluate(0, logger)  # the initial model: the baseline of every later evaluation
@@ -931,7 +510,7 @@ class Trainer:
                     # with --grad-accum g*dp as for dp ranks with --grad-accum g.
                     micro = (self._data_micro_steps(step) + k) * self.dp_size + self.dp_rank
                     seed_micro_batch(a.seed, micro)
-                    batch = _to_device(next(it), self.device)
+                    batch = to_device(next(it), self.device)
                     loss, metrics = self.loss_fn(self.engine, batch)
                     metrics = dict(metrics or {})
                     tokens += int(metrics.pop("tokens", count_tokens(batch)))
@@ -1004,7 +583,7 @@ class Trainer:
         dist.barrier()
         return result
 
-    def _evaluate(self, step: int, logger: "_Logger") -> None:
+    def _evaluate(self, step: int, logger: MetricsLogger) -> None:
         self.engine.eval()
         with torch.no_grad():
             metrics = self.eval_fn(self.engine, step) or {}
@@ -1042,69 +621,6 @@ def _progress(rank: int, total: int, initial: int):
 
     return tqdm(total=total, initial=initial, disable=rank != 0, desc="train", dynamic_ncols=True,
                 file=sys.stderr)
-
-
-def tensorboard_tag(key: str) -> str:
-    """The TensorBoard tag of a metrics.jsonl key, grouped as TensorBoard shows sections:
-    ``eval_f1@4096`` -> ``eval/f1@4096``, ``loss`` -> ``train/loss``, ``lr`` -> ``train/lr``."""
-    return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
-
-
-class _Logger:
-    """metrics.jsonl + TensorBoard (+ Weights & Biases with ``--wandb-project``) on rank 0;
-    no-op elsewhere."""
-
-    def __init__(self, out: Path, rank: int, resumed_at: int = 0, wandb_project: str | None = None,
-                 settings: dict | None = None):
-        self.rank = rank
-        self.file = self.tb = self.wandb = None
-        if rank != 0:
-            return
-        if wandb_project:
-            self.wandb = _wandb_run(out, wandb_project, settings or {})
-        path = out / "metrics.jsonl"
-        if resumed_at > 0 and path.exists():
-            # Drop records past the checkpoint (a killed run logged them); the resumed run re-logs them.
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resumed_at]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self.file = open(path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
-        except ImportError:  # tensorboard is a dependency; still, never fail a run over logging
-            self.tb = None
-
-    def log(self, record: dict) -> None:
-        if self.rank != 0:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        scalars = {tensorboard_tag(k): v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        if self.tb is not None:
-            for tag, v in scalars.items():
-                self.tb.add_scalar(tag, v, record["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _wandb_run(out: Path, project: str, settings: dict):
-    """A W&B run named after OUT, its id kept in ``OUT/wandb_run_id`` so a resumed run continues it."""
-    import wandb  # checked by the argument checks
-
-    id_file = out / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-    atomic_write_text(id_file, run_id + "\n")
-    config = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))}
-    return wandb.init(project=project, name=out.name, id=run_id, resume="allow", dir=str(out), config=config)
 
 
 def train(args, **kwargs) -> TrainResult:

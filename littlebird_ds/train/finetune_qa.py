@@ -52,7 +52,7 @@ import torch
 from littlebird_ds.data.padding_insertion import insert_padding_batch
 from littlebird_ds.data.qa import load_qa_examples, prepare_features
 
-from .engine import dataset_batches
+from .batches import dataset_batches
 from .qa_eval import DEFAULT_EVAL_MAX_LENGTH, evaluate_files, write_results
 
 __all__ = [
