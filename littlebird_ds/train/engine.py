@@ -168,13 +168,26 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def training_defaults() -> dict[str, Any]:
+    """Every engine flag's default, as :func:`add_training_arguments` defines it (the one place
+    that owns them)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_training_arguments(parser)
+    return {a.dest: a.default for a in parser._actions if a.dest != argparse.SUPPRESS}
+
+
 def normalize_training_args(args):
-    """Check the engine's flags once, before anything is written, and fold the launchers' spellings into
-    one: ``args.deepspeed`` becomes the config path (or ``None``). Returns ``args``."""
+    """Check the engine's flags once, before anything is written, fill in the defaults of those a
+    script's own parser left out (so the engine reads ``args.flag`` directly), and fold the
+    launchers' spellings into one: ``args.deepspeed`` becomes the config path (or ``None``).
+    Returns ``args``."""
+    for name, default in training_defaults().items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     args.deepspeed = deepspeed_config_path(args)
     if hasattr(args, "deepspeed_config"):
         args.deepspeed_config = args.deepspeed
-    if int(getattr(args, "max_steps", 1)) < 1:
+    if int(args.max_steps) < 1:
         raise ValueError(f"--max-steps {args.max_steps} must be >= 1: a training run that trains no step "
                          "writes no model")
     for name in ("batch_size", "grad_accum", "global_batch_size", "log_every", "keep_checkpoints"):
@@ -185,20 +198,14 @@ def normalize_training_args(args):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 0")
-    lr = getattr(args, "lr", None)
-    if lr is not None and not (0 < lr < float("inf")):
-        raise ValueError(f"--lr {lr} must be a positive number")
-    ratio = getattr(args, "min_lr_ratio", None)
-    if ratio is not None and not 0 <= ratio <= 1:
-        raise ValueError(f"--min-lr-ratio {ratio} must be between 0 and 1 (a fraction of --lr)")
-    if getattr(args, "wandb_project", None):
+    if not (0 < args.lr < float("inf")):
+        raise ValueError(f"--lr {args.lr} must be a positive number")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio {args.min_lr_ratio} must be between 0 and 1 (a fraction of --lr)")
+    if args.wandb_project:
         if importlib.util.find_spec("wandb") is None:
             raise ValueError("--wandb-project needs Weights & Biases: pip install wandb (or drop the flag)")
     return args
-
-
-def _args_value(args, name: str, default=None):
-    return getattr(args, name, default) if getattr(args, name, None) is not None else default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +291,8 @@ class Trainer:
                 f"world size {world} is not divisible by tensor-parallel {tp} x sequence-parallel {sp} = {tp * sp}; "
                 f"launch a multiple of {tp * sp} processes or lower --tensor-parallel/--sequence-parallel"
             )
-        prepare_environment(getattr(a, "local_rank", None))
-        if getattr(a, "release_memory", False) and on_cpu() and not release_freed_memory():
+        prepare_environment(a.local_rank)
+        if a.release_memory and on_cpu() and not release_freed_memory():
             _log.warning("--release-memory: this C library has no mallopt (not glibc); ignored")
         init_process_group()
         import torch.distributed as dist
@@ -311,11 +318,11 @@ class Trainer:
         # Order: tensor/sequence parallel, then activation checkpointing, then ZeRO (initialize).
         if self.state is not None:
             model = parallelize(model, self.state)
-        policy = getattr(a, "activation_checkpointing", "none")
+        policy = a.activation_checkpointing
         if policy not in AC_POLICIES:
             raise ValueError(f"--activation-checkpointing must be one of {AC_POLICIES}, got {policy!r}")
         if policy != "none":
-            model = apply_activation_checkpointing(model, policy, every_k=int(getattr(a, "activation_checkpointing_k", 2)))
+            model = apply_activation_checkpointing(model, policy, every_k=int(a.activation_checkpointing_k))
         return model.to(self.device)
 
     def _initialize(self, model) -> None:
@@ -329,7 +336,7 @@ class Trainer:
         bind = getattr(self.batches, "bind", None)
         if bind is not None:  # batch iterators that map micro-batches to optimizer steps
             bind(micro_batch=self.micro_batch, grad_accum=self.grad_accum)
-        groups = param_groups(model, a.weight_decay, bialibi_lr_scale=getattr(a, "bialibi_lr_scale", 1.0), lr=a.lr)
+        groups = param_groups(model, a.weight_decay, bialibi_lr_scale=a.bialibi_lr_scale, lr=a.lr)
         schedule = lr_lambda(a.warmup_steps, a.max_steps, a.lr_decay, a.min_lr_ratio)
 
         def scheduler(opt):
@@ -489,12 +496,12 @@ class Trainer:
         if step == 0 and not a.resume and self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run: do not append to an old log
 
-        logger = MetricsLogger(self.out, self.rank, resumed_at=step, wandb_project=getattr(a, "wandb_project", None),
+        logger = MetricsLogger(self.out, self.rank, resumed_at=step, wandb_project=a.wandb_project,
                          settings=vars(a))
-        if step == 0 and self.eval_fn is not None and getattr(a, "eval_at_start", True):
+        if step == 0 and self.eval_fn is not None and a.eval_at_start:
             self._evaluate(0, logger)  # the initial model: the baseline of every later evaluation
         it = self._batches_from(step)
-        rewinds_left = int(getattr(a, "rewind_on_nonfinite", 0) or 0)
+        rewinds_left = int(a.rewind_on_nonfinite)
         result = TrainResult(step=step, checkpoint_dir=ckpt.root)
         bar = _progress(self.rank, a.max_steps, step)
         last_saved = step if a.resume and step > 0 else -1
@@ -548,7 +555,7 @@ class Trainer:
                         continue
                     logger.log({"step": step, "loss": loss_val, "lr": lr})
                     logger.close()
-                    rewound = " after every --rewind-on-nonfinite rewind" if getattr(a, "rewind_on_nonfinite", 0) else ""
+                    rewound = " after every --rewind-on-nonfinite rewind" if a.rewind_on_nonfinite else ""
                     raise TrainingDiverged(
                         f"training diverged: the loss is {loss_val} at step {step} (lr {lr:g}){rewound}; no final "
                         f"model is written, the last good checkpoint is {good or 'none (no checkpoint saved yet)'} "
