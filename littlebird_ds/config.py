@@ -56,6 +56,8 @@ class LittleBirdConfig(PretrainedConfig):
             by ``e`` per token) and the next quarter right, so a model without position
             embeddings can tell the word before from the word after from its first step
             (project option; docs/qa.md, "Direction-aware slopes").
+        rss_head: ``LittleBirdForMaskedLM`` gets a recurring-span-selection head (the
+            second pretraining objective, ``pretrain --rss-weight``; spec section 5).
     """
 
     model_type = "littlebird"
@@ -80,6 +82,7 @@ class LittleBirdConfig(PretrainedConfig):
         bialibi_first_token: str = "constant",
         bialibi_global_keys: int = 1,
         bialibi_init: str = "alibi",
+        rss_head: bool = False,
         **kwargs,
     ):
         # Validate before anything is stored or built (PretrainedConfig.__init__ included).
@@ -120,6 +123,7 @@ class LittleBirdConfig(PretrainedConfig):
         self.bialibi_first_token = bialibi_first_token
         self.bialibi_global_keys = bialibi_global_keys
         self.bialibi_init = bialibi_init
+        self.rss_head = bool(rss_head)
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 

@@ -288,7 +288,7 @@ class LittleBirdMaskedLMOutput(MaskedLMOutput):
 
 
 class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
-    """Masked-LM head on the encoder. With ``config.rss_head = True`` (an extra config field,
+    """Masked-LM head on the encoder. With ``config.rss_head = True`` (a config field,
     saved with the model) it also has a :class:`LittleBirdSpanSelectionHead` for recurring
     span selection, which ``pretrain --rss-weight`` trains next to the masked-LM loss."""
 
@@ -298,7 +298,7 @@ class LittleBirdForMaskedLM(LittleBirdPreTrainedModel):
         super().__init__(config)
         self.littlebird = LittleBirdModel(config)
         self.lm_head = LittleBirdLMHead(config)
-        self.rss_head = LittleBirdSpanSelectionHead(config) if getattr(config, "rss_head", False) else None
+        self.rss_head = LittleBirdSpanSelectionHead(config) if config.rss_head else None
         self.post_init()
 
     def get_output_embeddings(self):

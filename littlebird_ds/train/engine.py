@@ -86,6 +86,7 @@ import torch
 from ..utils.io import atomic_write_json
 from ..utils.log import ensure_logging
 from ..parallel import apply_activation_checkpointing, initialize_model_parallel, parallelize
+from ..parallel.checkpointing import POLICIES as AC_POLICIES
 from .batches import BatchIteratorFactory, count_tokens, dataset_batches, to_device
 from .checkpoint import CheckpointManager, read_meta
 from .distributed import finish_worker, init_process_group, on_cpu, prepare_environment, release_freed_memory
@@ -98,7 +99,6 @@ __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "add_training_arguments
 
 _log = logging.getLogger(__name__)
 
-AC_POLICIES = ("none", "full", "every_k")
 
 
 # ---------------------------------------------------------------------------------------------
