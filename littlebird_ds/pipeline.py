@@ -63,6 +63,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=4000, teacher_steps=300, teacher_length=128, distill_steps=100, distill_length=128,
         further_steps=20, further_length=512, qa_steps=2000, qa_length=512, qa_curriculum="128:0.9,256:0.1", qa_pi_factor=4, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.7,
+        qa_warmup_steps=100, qa_min_lr_ratio=0.1,
         bialibi_init="alibi", micro_batch_size=0, qa_dropout=0.1, distill_lr=3e-4, distill_dropout=0.0,
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=1e-3, questions_per_document="400,24,100",
         validation_fraction=0.05,
@@ -70,6 +71,7 @@ PRESETS: dict[str, dict] = {
     "small": dict(
         vocab_size=8000, teacher_steps=3000, teacher_length=256, distill_steps=2000, distill_length=256,
         further_steps=2000, further_length=1024, qa_steps=3000, qa_length=512, qa_curriculum="128:0.5,256:0.3,512:0.2", qa_pi_factor=8, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
+        qa_warmup_steps=100, qa_min_lr_ratio=0.1,
         bialibi_init="alibi", micro_batch_size=0, qa_dropout=0.1, distill_lr=3e-4, distill_dropout=0.0,
         eval_lengths=(512, 2048, 4096, 8192), batch_size=16, lr=5e-4, questions_per_document="256,64,64",
         validation_fraction=0.05,
@@ -77,6 +79,7 @@ PRESETS: dict[str, dict] = {
     "base": dict(
         vocab_size=32000, teacher_steps=100000, teacher_length=512, distill_steps=50000, distill_length=512,
         further_steps=50000, further_length=4096, qa_steps=20000, qa_length=512, qa_curriculum="", qa_pi_factor=8, qa_bialibi_lr_scale=1.0, qa_pi_start_fraction=0.0,
+        qa_warmup_steps=100, qa_min_lr_ratio=0.1,
         bialibi_init="alibi", micro_batch_size=0, qa_dropout=0.1, distill_lr=1e-4, distill_dropout=0.0,
         eval_lengths=(512, 2048, 4096, 8192, 16384), batch_size=32, lr=1e-4, questions_per_document="256,100,100",
         validation_fraction=0.02,
@@ -93,7 +96,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "further": ("further_steps", "further_length", "batch_size", "micro_batch_size", "lr", "validation_fraction"),
     "qa-data": ("eval_lengths", "qa_length", "questions_per_document"),
     "qa": ("qa_steps", "qa_length", "qa_curriculum", "qa_pi_factor", "qa_pi_start_fraction", "qa_bialibi_lr_scale",
-           "qa_dropout", "batch_size", "micro_batch_size", "lr"),
+           "qa_dropout", "qa_warmup_steps", "qa_min_lr_ratio", "batch_size", "micro_batch_size", "lr"),
     "evaluate": ("eval_lengths",),
 }
 
@@ -425,7 +428,10 @@ class Pipeline:
                     "--validation", val, "--max-length", str(s["qa_length"])]
             if s.get("qa_curriculum"):
                 argv += ["--curriculum", s["qa_curriculum"]]
-            argv += ["--dropout", str(s["qa_dropout"]), "--language", self.o.language]
+            argv += ["--dropout", str(s["qa_dropout"]), "--language", self.o.language,
+                     # a warm-up of at most a tenth of the run (short test runs keep their lr)
+                     "--warmup-steps", str(min(s["qa_warmup_steps"], s["qa_steps"] // 10)),
+                     "--min-lr-ratio", str(s["qa_min_lr_ratio"])]
             if "--no-padding-insertion" not in model_args:  # the longest Padding Insertion target, x stage length
                 argv += ["--pi-factor", str(s["qa_pi_factor"])]
                 if s["qa_pi_start_fraction"] > 0:  # a warm-up on plain short contexts first
