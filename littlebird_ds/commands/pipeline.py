@@ -1,7 +1,7 @@
 """Run the whole recipe: raw text -> tokenizer -> teacher -> distilled LittleBird -> long-input
 pretraining -> cloze QA data -> QA fine-tuning -> evaluation -> report.
 
-With only ``--out`` it runs on the Chichewa Bible with the ``tiny`` preset (about 20 minutes
+With only ``--out`` it runs on the Chichewa Bible with the ``tiny`` preset (about 27 minutes
 on 2 CPU cores). Every stage writes into its own folder under OUT and is skipped when it
 finished before, so rerunning the same command resumes after a failure or an interruption.
 The report is OUT/report.md (+ report.json and PNG plots).
