@@ -6,9 +6,9 @@ for the whole data path).
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import itertools
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -213,7 +213,8 @@ class WindowDataset(torch.utils.data.Dataset):
         self.cls_token_id = int(cls_token_id)
         self.sep_token_id = int(sep_token_id)
         # [windows, 3] int64 (document, start, end): 24 bytes a window, for corpora of any size.
-        spans = window_spans((len(d) for d in self.docs), max_length)
+        lengths = self.docs.lengths() if isinstance(self.docs, TokenizedDocuments) else (len(d) for d in self.docs)
+        spans = window_spans(lengths, max_length)
         self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 3)
 
     def __len__(self) -> int:
